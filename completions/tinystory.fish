@@ -1,0 +1,1 @@
+complete --command tinystory --no-files --arguments "(env _TINYSTORY_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) tinystory)" --condition "env _TINYSTORY_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) tinystory"

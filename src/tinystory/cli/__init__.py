@@ -1,0 +1,1 @@
+"""The Typer CLI: thin modules mapping flags to settings and library calls."""

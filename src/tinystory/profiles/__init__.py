@@ -1,0 +1,1 @@
+"""Hardware profiles shipped as TOML data (one file a profile)."""

@@ -1,0 +1,167 @@
+"""Tokenizers: the Mistral v1 32k vocab, or a byte-level BPE trained on the data.
+
+Both come out as transformers fast tokenizers with unk 0, bos 1, eos 2 (pad = eos), that
+add BOS in front of a text by default (so a plain `AutoTokenizer` user of a run dir feeds
+the model what it was trained on: every story is BOS + text + EOS in the token stream).
+
+- `mistral`: `tokenizer.model.v1` shipped by the `mistral-common` package (identical to
+  Mistral-7B-v0.1's tokenizer.model), converted by transformers' `LlamaTokenizer` (the
+  tokenizers backend in transformers 5). `AutoTokenizer` on a bare tokenizer.model folder
+  gives wrong ids, so we never use it for the conversion.
+- `bpe:N`: `tokenizers` byte-level BPE, ByteLevel pre-tokenizer without prefix space (so a
+  GGUF `gpt2` vocab with the `gpt-2` pre-tokenizer reproduces it in llama.cpp).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tinystory.errors import SettingsError, TinystoryError
+
+if TYPE_CHECKING:
+    import numpy as np
+    from transformers import PreTrainedTokenizerBase
+
+MISTRAL_HUB_ID = "mistralai/Mistral-7B-v0.1"
+SPECIALS = ("<unk>", "<s>", "</s>")  # ids 0, 1, 2 in both vocabularies
+BPE_MIN_VOCAB = 256 + len(SPECIALS) + 1
+
+
+def parse_spec(spec: str) -> tuple[str, int | None]:
+    """`mistral` -> ("mistral", None); `bpe:4096` -> ("bpe", 4096); else SettingsError."""
+    spec = spec.strip().lower()
+    if spec == "mistral":
+        return "mistral", None
+    m = re.fullmatch(r"bpe:(\d+)", spec)
+    if m:
+        n = int(m.group(1))
+        if n < BPE_MIN_VOCAB or n > 1 << 20:
+            raise SettingsError(f"bpe vocab size {n} is out of range", f"use bpe:N with {BPE_MIN_VOCAB} <= N <= 1048576")
+        return "bpe", n
+    raise SettingsError(f"unknown tokenizer {spec!r}", "use `mistral` or `bpe:N` (e.g. bpe:4096)")
+
+
+def mistral_model_file() -> Path | None:
+    """The `tokenizer.model.v1` file of the installed mistral-common package, if any."""
+    try:
+        import mistral_common
+    except ImportError:
+        return None
+    path = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+    return path if path.is_file() else None
+
+
+def load_mistral() -> PreTrainedTokenizerBase:
+    """The Mistral v1 tokenizer: offline from mistral-common, else from the hub."""
+    import shutil
+    import tempfile
+
+    from transformers import LlamaTokenizer
+
+    src = mistral_model_file()
+    if src is None:
+        from tinystory.net import from_hub
+
+        return from_hub(lambda: LlamaTokenizer.from_pretrained(MISTRAL_HUB_ID, add_bos_token=True), MISTRAL_HUB_ID)
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copy(src, Path(tmp) / "tokenizer.model")
+        tok = LlamaTokenizer.from_pretrained(tmp, add_bos_token=True, add_eos_token=False, legacy=False)
+    tok.pad_token = tok.eos_token
+    tok.model_max_length = 1 << 30
+    tok.name_or_path = "mistral"
+    return tok
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, length: int | None = None) -> PreTrainedTokenizerBase:
+    """Train a byte-level BPE on `texts` (deterministic for the same texts in the same order)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIALS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    core.train_from_iterator(texts, trainer=trainer, length=length)
+    bos = core.token_to_id("<s>")
+    core.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>",
+        model_max_length=1 << 30,
+    )
+    tok.name_or_path = f"bpe:{vocab_size}"
+    return tok
+
+
+def load(path: str | Path) -> PreTrainedTokenizerBase:
+    """A tokenizer saved by `save` (a run dir or a prepared-data folder)."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not (path / "tokenizer.json").is_file():
+        raise TinystoryError(f"no tokenizer in {path} (tokenizer.json is missing)", "prepare or train again")
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def save(tokenizer: PreTrainedTokenizerBase, path: str | Path) -> None:
+    """Save as tokenizer.json + tokenizer_config.json (loadable by AutoTokenizer)."""
+    tokenizer.save_pretrained(str(path))
+
+
+def fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """sha256 of the tokenizer's canonical JSON: equal iff the two tokenize the same way."""
+    data = json.loads(tokenizer.backend_tokenizer.to_str())
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def is_byte_level(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """True for a byte-level BPE (GPT-2 style), False for a sentencepiece-style vocab."""
+    decoder = json.loads(tokenizer.backend_tokenizer.to_str()).get("decoder") or {}
+    kinds = [decoder.get("type")] + [d.get("type") for d in decoder.get("decoders", [])]
+    return "ByteLevel" in kinds
+
+
+def token_byte_lengths(tokenizer: PreTrainedTokenizerBase) -> np.ndarray:
+    """UTF-8 bytes each token id stands for (specials 0): the denominator of bits per byte.
+
+    Byte-level BPE pieces spell one byte per character; sentencepiece pieces spell
+    text with `▁` for a space and `<0xNN>` for a raw byte.
+    """
+    import numpy as np
+
+    vocab = tokenizer.get_vocab()
+    lengths = np.zeros(max(len(tokenizer), max(vocab.values()) + 1), dtype=np.int64)
+    byte_level = is_byte_level(tokenizer)
+    specials = set(tokenizer.all_special_ids)
+    for piece, idx in vocab.items():
+        if idx in specials:
+            continue
+        if byte_level:
+            lengths[idx] = len(piece)
+        elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
+            lengths[idx] = 1
+        else:
+            lengths[idx] = len(piece.replace("▁", " ").encode("utf-8"))
+    return lengths
+
+
+def special_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
+    """unk/bos/eos/pad ids, as recorded in meta.json and the model config."""
+    return {
+        "unk": tokenizer.unk_token_id,
+        "bos": tokenizer.bos_token_id,
+        "eos": tokenizer.eos_token_id,
+        "pad": tokenizer.pad_token_id,
+    }

@@ -1,0 +1,80 @@
+"""Shared fixtures. Every test runs offline, with its own cache/runs/config dirs."""
+
+from __future__ import annotations
+
+import gzip
+import os
+from importlib import resources
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinystories"
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test reads the user's config, writes the user's cache or touches the network."""
+    home = tmp_path_factory.mktemp("home")
+    monkeypatch.setenv("TINYSTORY_CACHE_DIR", str(home / "cache"))
+    monkeypatch.setenv("TINYSTORY_RUNS_DIR", str(home / "runs"))
+    monkeypatch.setenv("TINYSTORY_CONFIG", str(home / "config.toml"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(home / "wandb"))
+    monkeypatch.setenv("TINYSTORY_PLAIN", "1")
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    for var in list(os.environ):
+        if var.startswith("TINYSTORY_") and "__" in var or var in ("TINYSTORY_PROFILE", "TINYSTORY_DEBUG"):
+            monkeypatch.delenv(var, raising=False)
+
+
+def sample_stories(split: str = "train", limit: int | None = None) -> list[str]:
+    """Stories of the bundled sample (real TinyStories text)."""
+    raw = resources.files("tinystory.sample").joinpath(f"{'valid' if split == 'val' else split}.txt.gz").read_bytes()
+    text = gzip.decompress(raw).decode("utf-8")
+    stories = [s.strip() for s in text.split("<|endoftext|>") if s.strip()]
+    return stories[:limit] if limit else stories
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The shared TinyStories folder (../shared/data/tinystories); skip if absent."""
+    if not SHARED.is_dir():
+        pytest.skip(f"shared data not found at {SHARED}")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer():
+    """A byte-level BPE 512 trained on 600 sample stories (deterministic)."""
+    from tinystory.tokenizer import train_bpe
+
+    return train_bpe(sample_stories("train", 600), 512)
+
+
+@pytest.fixture(scope="session")
+def random_run(tmp_path_factory: pytest.TempPathFactory, bpe_tokenizer) -> Path:
+    """A run dir with an untrained `tiny` model (seed 0) and the BPE 512 tokenizer.
+
+    For tests that need a loadable model but no learned behaviour; tests that need a
+    model that writes stories use the trained-run fixture instead.
+    """
+    import torch
+
+    from tinystory.model import build_config, build_model
+    from tinystory.settings import load_settings, to_toml
+
+    path = tmp_path_factory.mktemp("random_run")
+    torch.manual_seed(0)
+    tok = bpe_tokenizer
+    config = build_config("tiny", len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+    model = build_model(config)
+    model.generation_config.do_sample = True
+    model.generation_config.temperature = 1.0
+    model.generation_config.top_p = 0.9
+    model.generation_config.max_new_tokens = 64
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    (path / "settings.toml").write_text(to_toml(load_settings(profile="tiny", env={})), encoding="utf-8")
+    return path
