@@ -1,0 +1,1 @@
+"""The bundled TinyStories sample (CDLA-Sharing-1.0; see README.md here)."""
