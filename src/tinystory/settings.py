@@ -107,6 +107,7 @@ class EvalSettings:
     top_p: float = setting(0.9, "nucleus sampling for generated stories")
     top_k: int = setting(0, "top-k sampling for generated stories (0 = off)")
     seed: int = setting(1234, "fixed seed so two evals give the same numbers")
+    threads: int = setting(0, "torch CPU threads, 0 = torch's default (1 is faster for tiny models, busy CPUs)")
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,76 @@
-"""Placeholder while the command is built (replaced by its issue's work)."""
+"""`tinystory eval RUN [RUN ...]`: flags -> settings -> `tinystory.evaluation.evaluate`."""
 
 from __future__ import annotations
 
-from tinystory.cli.options import ConfigOpt, PrintSettingsOpt, ProfileOpt, SetOpt, resolve
+from typing import Annotated, Optional
+
+import typer
+
+from tinystory.cli.options import ConfigOpt, PrintSettingsOpt, ProfileOpt, RunArg, SeedOpt, SetOpt, resolve
+
+RunsArg = Annotated[
+    Optional[list[str]],
+    typer.Argument(metavar="RUN...", show_default=False,
+                   help="Run dirs, checkpoints or hub ids, compared side by side; default: the latest run."),
+]
+MetricsOpt = Annotated[
+    Optional[str],
+    typer.Option("--metrics", "-m", show_default=False,
+                 help="Comma-separated: loss, ppl, bpb, distinct-n, self-bleu, rep-n, bleu, length, or all "
+                      "(default: eval.metrics = loss,ppl,bpb)."),
+]
+DataOpt = Annotated[
+    Optional[str],
+    typer.Option("--data", help="Prepared-data folder; default: the one the run was trained on.", show_default=False),
+]
+SamplesOpt = Annotated[
+    Optional[int], typer.Option("--num-samples", "-n", min=1, help="Stories generated for the text metrics.",
+                                show_default=False),
+]
+MaxTokensOpt = Annotated[
+    Optional[int], typer.Option("--max-tokens", min=0, help="Cap on validation tokens scored (0 = all).",
+                                show_default=False),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of the table.")]
 
 
-def eval_(profile: ProfileOpt = None, config: ConfigOpt = None, set_: SetOpt = None,
-        print_settings: PrintSettingsOpt = False) -> None:
-    """Not built yet."""
-    resolve(profile, config, set_, print_only=print_settings)
-    from tinystory.errors import TinystoryError
+def eval_(
+    runs: RunsArg = None,
+    run: RunArg = None,
+    metrics: MetricsOpt = None,
+    data: DataOpt = None,
+    num_samples: SamplesOpt = None,
+    max_tokens: MaxTokensOpt = None,
+    seed: SeedOpt = None,
+    json_: JsonOpt = False,
+    profile: ProfileOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    print_settings: PrintSettingsOpt = False,
+) -> None:
+    """Loss, perplexity, bits per byte and story diversity; saves <run>/eval.json."""
+    settings = resolve(
+        profile, config, set_,
+        flags={
+            "eval.metrics": (metrics, "--metrics"),
+            "eval.data": (data, "--data"),
+            "eval.num_samples": (num_samples, "--num-samples"),
+            "eval.max_tokens": (max_tokens, "--max-tokens"),
+            "eval.seed": (seed, "--seed"),
+        },
+        print_only=print_settings,
+        sections=["eval"],
+    )
+    from tinystory.evaluation import evaluate, parse_metrics, table
 
-    raise TinystoryError("this command is not built yet")
+    names = parse_metrics(settings.eval.metrics)  # a typo fails before any model loads
+    refs = [*(runs or []), *([run] if run else [])] or [None]  # --run as in the other commands
+    results = [evaluate(ref, settings, names) for ref in refs]
+    if json_:
+        import json
+
+        print(json.dumps(results[0] if len(results) == 1 else {"runs": results}, indent=2))
+    else:
+        from tinystory.console import out
+
+        out().print(table(results))
