@@ -93,6 +93,8 @@ def main(argv: list[str] | None = None) -> None:
 
         _fail(escape(str(e)), e.exit_code)
     except typer.Exit as e:
+        if e.exit_code == 130:  # typer turns Ctrl-C into a silent Exit(130)
+            _fail("interrupted", 130)
         raise SystemExit(e.exit_code) from None
     except typer.Abort:
         _fail("interrupted", 130)

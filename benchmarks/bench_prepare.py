@@ -1,0 +1,220 @@
+"""Benchmark `tinystory prepare` against the llama2.c way of pre-tokenizing TinyStories.
+
+    python benchmarks/bench_prepare.py [--repeats 3] [--scales 1,3] [--num-proc 0]
+
+Input: the shared training text (../shared/data/tinystories/train-*.txt, 7,704 stories,
+6.5 MB), and the same four files made 3x longer (each story repeated with a one-line
+prefix, "Retold 1." ..., so de-duplication keeps them).
+
+Contenders, each run as its own process tree with the same number of processes:
+- ours, Mistral tokenizer: `tinystory prepare --tokenizer mistral --force`;
+- ours, `bpe:4096` (training the BPE on the train split is part of the run);
+- llama2.c (`tinystories.py pretokenize`): a process pool over the shards, one
+  `sentencepiece` encode call per story with the Mistral `tokenizer.model.v1` from
+  mistral-common, token lists kept in Python until the shard is written.
+
+Reported per run: wall seconds (process start to exit), text MB/s, text tokens/s (BOS/EOS
+not counted), peak RSS of the largest single process (getrusage of the finished tree) and
+the peak sum of RSS over the live process tree (psutil, sampled every 20 ms). Medians of
+`--repeats` runs, interleaved, with the load average before each run (the machine may be
+shared). Writes benchmarks/results/prepare.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data" / "tinystories"
+SEP = "<|endoftext|>"
+
+
+# --------------------------------------------------------------- llama2.c baseline
+
+
+def _llama2c_shard(args: tuple[str, str]) -> int:
+    """llama2.c `process_shard`: per story `enc.encode(text, bos=True, eos=False)`."""
+    import numpy as np
+    import sentencepiece as spm
+
+    from tinystory.tokenizer import mistral_model_file
+
+    shard, out = args
+    sp = spm.SentencePieceProcessor(model_file=str(mistral_model_file()))
+    text = Path(shard).read_text(encoding="utf-8")
+    all_tokens: list[int] = []
+    for story in text.split(SEP):
+        story = story.strip()
+        if not story:
+            continue
+        all_tokens.extend([sp.bos_id(), *sp.encode(story)])
+    np.array(all_tokens, dtype=np.uint16).tofile(out)
+    return len(all_tokens)
+
+
+def llama2c_main(data: str, out: str, nproc: int) -> None:
+    """Pre-tokenize every train*.txt shard of `data` in a pool, one shard per task."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    shards = sorted(str(p) for p in Path(data).glob("train*.txt"))
+    outs = [str(Path(out) / (Path(s).stem + ".bin")) for s in shards]
+    with ProcessPoolExecutor(max_workers=nproc) as ex:
+        total = sum(ex.map(_llama2c_shard, zip(shards, outs)))
+    print(json.dumps({"tokens": total}))
+
+
+# ------------------------------------------------------------------- measurement
+
+
+def measure(cmd: list[str], env: dict[str, str]) -> dict:
+    """Run `cmd` under a wrapper that reports its tree's largest maxrss; sample tree RSS."""
+    import psutil
+
+    wrapper = ("import resource, subprocess, sys, json\n"
+               "r = subprocess.run(sys.argv[1:])\n"
+               "u = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+               "print(json.dumps({'rc': r.returncode, 'maxrss_kb': u.ru_maxrss, 'cpu_s': u.ru_utime + u.ru_stime}),"
+               " file=sys.stderr)\n")
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", wrapper, *cmd], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    root = psutil.Process(proc.pid)
+    peak_tree = 0
+    while proc.poll() is None:
+        try:
+            procs = [root, *root.children(recursive=True)][1:]  # not the wrapper itself
+            peak_tree = max(peak_tree, sum(p.memory_info().rss for p in procs if p.is_running()))
+        except psutil.Error:
+            pass
+        time.sleep(0.02)
+    wall = time.perf_counter() - t0
+    out, err = proc.communicate()
+    report = json.loads(err.strip().splitlines()[-1])
+    if report["rc"] != 0:
+        raise RuntimeError(f"{cmd} failed:\n{err[-3000:]}")
+    return {"wall_s": wall, "cpu_s": report["cpu_s"], "peak_rss_max_mb": report["maxrss_kb"] / 1024,
+            "peak_rss_tree_mb": peak_tree / 2**20, "stdout": out}
+
+
+def make_inputs(tmp: Path, scale: int) -> Path:
+    """The four shared train files, each `scale` times as long (distinct stories)."""
+    folder = tmp / f"x{scale}"
+    folder.mkdir()
+    for src in sorted(SHARED.glob("train-*.txt")):
+        stories = [s.strip() for s in src.read_text(encoding="utf-8").split(SEP) if s.strip()]
+        with open(folder / src.name, "w", encoding="utf-8") as f:
+            for k in range(scale):
+                for s in stories:
+                    f.write((f"Retold {k}.\n" if k else "") + s + f"\n{SEP}\n")
+    return folder
+
+
+def run_ours(data: Path, out: Path, tokenizer: str, nproc: int, env: dict) -> dict:
+    cmd = [sys.executable, "-m", "tinystory", "prepare", "--profile", "cpu", "--dataset", str(data),
+           "--tokenizer", tokenizer, "--out", str(out), "--num-proc", str(nproc), "--max-stories", "0",
+           "--set", "data.val_fraction=0.001", "--force"]
+    r = measure(cmd, env)
+    meta = json.loads((out / "meta.json").read_text())
+    both = meta["splits"]["train"], meta["splits"]["val"]
+    r["text_bytes"] = sum(s["bytes"] for s in both)
+    r["text_tokens"] = sum(s["tokens"] - 2 * s["stories"] for s in both)
+    r["stories"] = sum(s["stories"] for s in both)
+    r["phases_s"] = meta["seconds"]
+    return r
+
+
+def run_llama2c(data: Path, out: Path, nproc: int, env: dict) -> dict:
+    out.mkdir(exist_ok=True)
+    r = measure([sys.executable, __file__, "--llama2c", str(data), str(out), str(nproc)], env)
+    text = "".join(p.read_text(encoding="utf-8") for p in sorted(data.glob("train*.txt")))
+    stories = [s.strip() for s in text.split(SEP) if s.strip()]
+    r["stories"] = len(stories)
+    r["text_bytes"] = sum(len(s.encode()) for s in stories)
+    r["text_tokens"] = json.loads(r["stdout"])["tokens"] - len(stories)  # BOS not counted
+    return r
+
+
+def summarize(runs: list[dict]) -> dict:
+    med = {k: statistics.median(r[k] for r in runs)
+           for k in ("wall_s", "cpu_s", "peak_rss_max_mb", "peak_rss_tree_mb")}
+    r0 = runs[0]
+    med["mb_per_s"] = r0["text_bytes"] / 1e6 / med["wall_s"]
+    med["tokens_per_s"] = r0["text_tokens"] / med["wall_s"]
+    med["tokens_per_cpu_s"] = r0["text_tokens"] / med["cpu_s"]
+    med["text_tokens"], med["text_mb"], med["stories"] = r0["text_tokens"], r0["text_bytes"] / 1e6, r0["stories"]
+    med["walls"] = [round(r["wall_s"], 2) for r in runs]
+    med["loads"] = [r["load"] for r in runs]
+    return med
+
+
+def cpu_name() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+    except (OSError, StopIteration):
+        return "unknown"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--scales", default="1,3")
+    ap.add_argument("--num-proc", type=int, default=0, help="processes for every contender (0 = cores)")
+    ap.add_argument("--llama2c", nargs=3, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.llama2c:
+        return llama2c_main(args.llama2c[0], args.llama2c[1], int(args.llama2c[2]))
+    from tinystory.prepare import cores
+
+    nproc = args.num_proc or cores()
+    env = {**os.environ, "TINYSTORY_PLAIN": "1", "HF_HUB_OFFLINE": "1"}
+    results: dict = {"cpu": cpu_name(), "cores": os.cpu_count(), "processes": nproc, "runs": {}}
+    with tempfile.TemporaryDirectory() as tmp_:
+        tmp = Path(tmp_)
+        env["TINYSTORY_CACHE_DIR"] = str(tmp / "cache")
+        for scale in (int(s) for s in args.scales.split(",")):
+            data = make_inputs(tmp, scale)
+            runs: dict[str, list[dict]] = {"ours mistral": [], "llama2.c sentencepiece": [], "ours bpe:4096": []}
+            for _ in range(args.repeats):
+                for name in runs:
+                    load = os.getloadavg()[0]
+                    if name == "llama2.c sentencepiece":
+                        r = run_llama2c(data, tmp / "l2c", nproc, env)
+                    else:
+                        r = run_ours(data, tmp / "ours", name.split()[1], nproc, env)
+                    r["load"] = round(load, 1)
+                    runs[name].append(r)
+                    print(f"x{scale} {name}: {r['wall_s']:.2f} s (load {load:.1f})", file=sys.stderr)
+            results["runs"][f"x{scale}"] = {name: summarize(rs) for name, rs in runs.items()}
+    print_table(results)
+    dest = ROOT / "benchmarks" / "results" / "prepare.json"
+    dest.parent.mkdir(exist_ok=True)
+    dest.write_text(json.dumps(results, indent=2))
+
+
+def print_table(results: dict) -> None:
+    print(f"CPU: {results['cpu']} ({results['cores']} cores), {results['processes']} processes each; "
+          f"medians of {len(next(iter(results['runs'].values()))['ours mistral']['walls'])} runs")
+    print("| input | contender | text MB | wall s | CPU s | MB/s | text tokens/s | tokens/CPU-s "
+          "| peak RSS, largest process | peak RSS, process tree |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for scale, by_name in results["runs"].items():
+        for name, m in by_name.items():
+            print(f"| {scale} | {name} | {m['text_mb']:.1f} | {m['wall_s']:.2f} | {m['cpu_s']:.2f} | "
+                  f"{m['mb_per_s']:.2f} | {m['tokens_per_s']:,.0f} | {m['tokens_per_cpu_s']:,.0f} | "
+                  f"{m['peak_rss_max_mb']:.0f} MB | {m['peak_rss_tree_mb']:.0f} MB |")
+        ours, base = by_name["ours mistral"], by_name["llama2.c sentencepiece"]
+        print(f"| {scale} | ours mistral / llama2.c | | | | | {ours['tokens_per_s'] / base['tokens_per_s']:.2f}x | "
+              f"{ours['tokens_per_cpu_s'] / base['tokens_per_cpu_s']:.2f}x | | |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,497 @@
+"""`tinystory prepare`: counts, round trip, splits, idempotence, interruption, bad input."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import sample_stories
+from tinystory.cli.app import main
+from tinystory.data import open_prepared
+from tinystory.errors import DataError
+from tinystory.settings import load_settings
+
+SENTENCE = "Once upon a time, there was a little girl."
+MISTRAL_IDS = [1, 5713, 3714, 264, 727, 28725, 736, 403, 264, 1628, 2746, 28723, 2]  # BOS ... EOS
+
+
+def settings(**data):
+    """tiny-profile settings with `data.<key>` overrides."""
+    return load_settings(profile="tiny", env={}).replace(**{f"data__{k}": v for k, v in data.items()})
+
+
+def stories_of(prepared, split):
+    """Decoded stories of one split of a prepared folder (split at BOS/EOS)."""
+    ids = np.asarray(prepared.tokens(split))
+    tok = prepared.tokenizer
+    eos = np.flatnonzero(ids == tok.eos_token_id)
+    starts = np.concatenate([[0], eos[:-1] + 1])
+    assert (ids[starts] == tok.bos_token_id).all()
+    return [tok.decode(ids[s + 1 : e].tolist()) for s, e in zip(starts, eos)]
+
+
+def write_txt(path: Path, stories: list[str]) -> Path:
+    path.write_text("".join(f"{s}\n<|endoftext|>\n" for s in stories), encoding="utf-8")
+    return path
+
+
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    """Run `tinystory prepare ...` in-process: (exit code, stdout, stderr)."""
+    with pytest.raises(SystemExit) as e:
+        main(["prepare", "--profile", "tiny", *args])
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def sample300(tmp_path_factory):
+    """The first 300 training stories of the bundled sample, bpe:512, one process."""
+    from tinystory.prepare import prepare
+
+    out = tmp_path_factory.mktemp("p") / "sample300"
+    return open_prepared(prepare(settings(max_stories=300, num_proc=1, out=str(out))))
+
+
+# ------------------------------------------------------------------ the happy path
+
+
+def test_counts_in_meta_are_right(sample300):
+    meta = sample300.meta
+    train, val = sample_stories("train", 300), sample_stories("val", 100)  # val: max(100, 300/10)
+    tok = sample300.tokenizer
+    assert meta["format"] == 1 and meta["dtype"] == "uint16" and meta["split_method"] == "source"
+    for name, stories in (("train", train), ("val", val)):
+        s = meta["splits"][name]
+        assert s["stories"] == len(stories)
+        assert s["bytes"] == sum(len(x.encode()) for x in stories)
+        assert s["tokens"] == sum(len(tok(x)["input_ids"]) + 1 for x in stories)  # BOS (added) + EOS
+        assert len(sample300.tokens(name)) == s["tokens"]
+    text_tokens = meta["splits"]["train"]["tokens"] - 2 * 300
+    assert meta["bytes_per_token"] == round(meta["splits"]["train"]["bytes"] / text_tokens, 4)
+    assert meta["cleaning"]["stories_read"] == 400 and meta["cleaning"]["kept"] == 400
+    from tinystory.tokenizer import fingerprint
+
+    t = meta["tokenizer"]
+    assert t["name"] == "bpe:512" and t["vocab_size"] == 512 and t["sha256"] == fingerprint(tok)
+    assert (t["bos_id"], t["eos_id"], t["unk_id"], t["pad_id"]) == (1, 2, 0, 2)
+    digest = hashlib.sha256((Path(__file__).parents[1] / "src/tinystory/sample/train.txt.gz").read_bytes()).hexdigest()
+    assert {"path": "sample/train.txt.gz", "sha256": digest, "split": "train"}.items() <= meta["sources"][1].items()
+
+
+def test_decoding_gives_back_the_cleaned_text(sample300):
+    assert stories_of(sample300, "train")[:3] == sample_stories("train", 3)
+    assert stories_of(sample300, "val")[0] == sample_stories("val", 1)[0]
+
+
+def test_splits_are_disjoint(sample300):
+    train, val = stories_of(sample300, "train"), stories_of(sample300, "val")
+    assert len(train) == 300 and len(val) == 100
+    assert not set(train) & set(val)
+
+
+def test_bpe_is_trained_on_the_train_split_only(sample300):
+    from tinystory.tokenizer import fingerprint, train_bpe
+
+    assert fingerprint(train_bpe(sample_stories("train", 300), 512)) == sample300.tokenizer_sha256
+
+
+def test_second_run_is_a_noop(tmp_path, capsys):
+    args = ["--dataset", "sample", "--max-stories", "50", "--num-proc", "1", "--out", str(tmp_path / "p")]
+    code, out, err = cli(capsys, *args)
+    assert code == 0 and out == f"{tmp_path / 'p'}\n" and "encode: 150 encoded" in err
+    before = (tmp_path / "p" / "train.bin").stat()
+    code, out, err = cli(capsys, *args)
+    assert code == 0 and out == f"{tmp_path / 'p'}\n"
+    assert err.splitlines()[0] == f"already prepared at {tmp_path / 'p'}"
+    assert "encode" not in err and "│ train │" in err  # the summary table, nothing rebuilt
+    after = (tmp_path / "p" / "train.bin").stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    code, _, err = cli(capsys, *args, "--force")
+    assert code == 0 and "encode: 150 encoded" in err
+
+
+def test_default_location_is_the_cache_named_by_fingerprint(capsys):
+    from tinystory import paths
+
+    code, out, _ = cli(capsys, "--dataset", "sample", "--max-stories", "40", "--num-proc", "1")
+    path = Path(out.strip())
+    assert code == 0 and path.parent == paths.prepared_dir()
+    meta = open_prepared(path).meta
+    assert path.name == f"sample-bpe512-{meta['fingerprint'][:12]}"
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp folder left
+
+
+def test_mistral_ids_are_pinned(tmp_path):
+    from tinystory.prepare import prepare
+
+    write_txt(tmp_path / "train.txt", [SENTENCE, *sample_stories("train", 4)])
+    write_txt(tmp_path / "valid.txt", sample_stories("val", 2))
+    data = open_prepared(prepare(settings(dataset=str(tmp_path), tokenizer="mistral", out=str(tmp_path / "p"))))
+    assert data.meta["tokenizer"]["vocab_size"] == 32000 and data.meta["dtype"] == "uint16"
+    assert data.tokens("train")[: len(MISTRAL_IDS)].tolist() == MISTRAL_IDS
+    assert stories_of(data, "train") == [SENTENCE, *sample_stories("train", 4)]
+
+
+@pytest.mark.parametrize("spec", ["bpe:512", "mistral"])
+def test_worker_processes_give_the_same_bytes(spec, tmp_path, monkeypatch):
+    import tinystory.packing
+    import tinystory.prepare as P
+
+    one = P.prepare(settings(max_stories=300, num_proc=1, tokenizer=spec, out=str(tmp_path / "one")))
+    monkeypatch.setattr(P, "POOL_MIN_BYTES", 0)
+    monkeypatch.setattr(tinystory.packing, "SPOOL_BLOCK", 1 << 14)  # many small tasks
+    two = P.prepare(settings(max_stories=300, num_proc=2, tokenizer=spec, out=str(tmp_path / "two")))
+    assert open_prepared(two).meta["seconds"]["processes"] == 2
+    for split in ("train", "val"):
+        assert (two / f"{split}.bin").read_bytes() == (one / f"{split}.bin").read_bytes()
+
+
+def test_seen_set_finds_old_and_new_hashes():
+    import random
+
+    from tinystory.cleaning import SeenSet
+
+    seen, rng = SeenSet(), random.Random(0)
+    seen.MERGE_AT = 1000
+    hashes = [rng.getrandbits(64) for _ in range(5500)]
+    for h in hashes:
+        seen.add(h)
+    assert len(seen.old) == 5000 and list(seen.old) == sorted(hashes[:5000]) and len(seen.new) == 500
+    assert all(h in seen for h in hashes)
+    assert not any(rng.getrandbits(64) in seen for _ in range(5000))
+
+
+# ----------------------------------------------------------------- sources, cleaning
+
+
+def test_cleaning_counts(tmp_path):
+    from tinystory.prepare import prepare
+
+    s = sample_stories("train", 6)
+    v = sample_stories("val", 2)
+    mojibake = "Tom said, â€œIt â€™s fun!â€ and Lily smiled."
+    train = [s[0], "  " + s[1] + "  \n", "", s[0], v[0], mojibake, s[2], s[2], "\n\n", s[3]]
+    write_txt(tmp_path / "train.txt", train)
+    write_txt(tmp_path / "valid.txt", v)
+    data = open_prepared(prepare(settings(dataset=str(tmp_path), out=str(tmp_path / "p"))))
+    c = data.meta["cleaning"]
+    assert (c["stories_read"], c["whitespace_stripped"], c["empty_dropped"], c["mojibake_repaired"],
+            c["duplicates_dropped"], c["cross_split_dropped"], c["kept"]) == (12, 2, 2, 1, 2, 1, 7)
+    train_out = stories_of(data, "train")
+    assert train_out == [s[0], s[1], "Tom said, “It ’s fun!” and Lily smiled.", s[2], s[3]]
+
+
+def test_hash_split_is_deterministic_and_disjoint(tmp_path):
+    from tinystory.prepare import prepare
+
+    stories = sample_stories("val", 200)
+    write_txt(tmp_path / "stories.txt", stories + stories[:10])  # 10 duplicates
+    expected_val = [s for s in stories if int.from_bytes(
+        hashlib.blake2b(s.encode(), digest_size=16).digest()[8:], "little") / 2.0**64 < 0.2]
+    data = open_prepared(prepare(settings(dataset=str(tmp_path / "stories.txt"), val_fraction=0.2,
+                                          out=str(tmp_path / "p"))))
+    assert data.meta["split_method"] == "hash" and data.meta["cleaning"]["duplicates_dropped"] == 10
+    val, train = stories_of(data, "val"), stories_of(data, "train")
+    assert val == expected_val and len(val) + len(train) == 200
+    assert train == [s for s in stories if s not in expected_val]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "json-lines", "parquet", "txt.gz"])
+def test_other_formats(tmp_path, fmt):
+    from tinystory.prepare import prepare
+
+    train, val = sample_stories("train", 30), sample_stories("val", 5)
+    for name, stories in (("train", train), ("valid", val)):
+        rows = [{"id": i, "story": s} for i, s in enumerate(stories)]
+        if fmt == "jsonl":
+            (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        elif fmt == "json":
+            (tmp_path / f"{name}.json").write_text(json.dumps({"story": stories}))  # a list under the field
+        elif fmt == "json-lines":
+            (tmp_path / f"{name}.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        elif fmt == "parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            pq.write_table(pa.table({"id": list(range(len(stories))), "story": stories}),
+                           tmp_path / f"{name}-00000.parquet")
+        else:
+            (tmp_path / f"{name}.txt.gz").write_bytes(
+                gzip.compress("".join(f"{s}\n<|endoftext|>\n" for s in stories).encode()))
+    data = open_prepared(prepare(settings(dataset=str(tmp_path), text_field="story", out=str(tmp_path / "p"))))
+    assert data.meta["split_method"] == "source"
+    assert stories_of(data, "train") == train and stories_of(data, "val") == val
+
+
+def test_glob_and_max_stories(tmp_path):
+    from tinystory.prepare import prepare
+
+    stories = sample_stories("train", 90)
+    for i in range(3):
+        write_txt(tmp_path / f"part{i}.txt", stories[30 * i : 30 * i + 30])
+    (tmp_path / "notes.md").write_text("not stories")
+    data = open_prepared(prepare(settings(dataset=str(tmp_path / "part*.txt"), val_fraction=0.1, max_stories=40,
+                                          out=str(tmp_path / "p"))))
+    assert data.meta["splits"]["train"]["stories"] == 40
+    assert [s["path"] for s in data.meta["sources"]] == [str(tmp_path / f"part{i}.txt") for i in range(3)]
+    assert [s["stories_read"] for s in data.meta["sources"]] == [30, 15, 0]  # 40 train + 5 val, then stop
+
+
+def test_replace_carries_on_past_bad_bytes(tmp_path):
+    from tinystory.prepare import prepare
+
+    s = sample_stories("train", 3)
+    raw = "".join(f"{x}\n<|endoftext|>\n" for x in s).encode()
+    (tmp_path / "train.txt").write_bytes(raw[:50] + b"\xff" + raw[50:])
+    write_txt(tmp_path / "valid.txt", sample_stories("val", 1))
+    data = open_prepared(prepare(settings(dataset=str(tmp_path), errors="replace", out=str(tmp_path / "p"))))
+    assert data.meta["cleaning"]["undecodable_bytes_replaced"] == 1
+    assert stories_of(data, "train")[0] == s[0][:50] + "\ufffd" + s[0][50:]
+
+
+# ----------------------------------------------------------------------- bad input
+
+
+def _bad_utf8(tmp_path: Path) -> list[str]:
+    s = sample_stories("train", 2)
+    raw = "".join(f"{x}\n<|endoftext|>\n" for x in s).encode()
+    offset = len(raw) - 20
+    (tmp_path / "bad.txt").write_bytes(raw[:offset] + b"\xc3\x28" + raw[offset:])
+    return [str(tmp_path / "bad.txt"), f"{tmp_path / 'bad.txt'} is not UTF-8: byte 0xc3 at byte offset {offset} "
+            "(fix the file, or pass --errors replace to replace bad bytes with U+FFFD)"]
+
+
+def _no_field(tmp_path: Path) -> list[str]:
+    (tmp_path / "s.jsonl").write_text('{"story": "Once.", "id": 1}\n')
+    return [str(tmp_path / "s.jsonl"), f"{tmp_path / 's.jsonl'} line 1 has no field 'text' (its fields: story, id) "
+            "(pass --text-field with the field that holds the story)"]
+
+
+def _no_field_parquet(tmp_path: Path) -> list[str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"story": ["Once."], "id": [1]}), tmp_path / "s.parquet")
+    return [str(tmp_path / "s.parquet"), f"{tmp_path / 's.parquet'} has no field 'text' (its fields: story, id) "
+            "(pass --text-field with the field that holds the story)"]
+
+
+def _empty(tmp_path: Path) -> list[str]:
+    (tmp_path / "e.txt").write_bytes(b"")
+    return [str(tmp_path / "e.txt"), f"{tmp_path / 'e.txt'} is empty (give a file that holds stories)"]
+
+
+def _no_stories(tmp_path: Path) -> list[str]:
+    (tmp_path / "e.txt").write_text("\n<|endoftext|>\n  \n")
+    return [str(tmp_path / "e.txt"), "no training stories left after cleaning (1 read) (check the input)"]
+
+
+def _missing(tmp_path: Path) -> list[str]:
+    return [str(tmp_path / "nope.txt"),
+            f"{tmp_path / 'nope.txt'} does not exist (check the path, or use --dataset sample (bundled stories))"]
+
+
+def _empty_folder(tmp_path: Path) -> list[str]:
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "README.md").write_text("hi")
+    return [str(tmp_path / "d"), f"{tmp_path / 'd'} holds no .txt, .jsonl, .json or .parquet files "
+            "(use .txt (stories separated by <|endoftext|> lines), .jsonl, .json or .parquet)"]
+
+
+def _no_glob_match(tmp_path: Path) -> list[str]:
+    return [str(tmp_path / "*.txt"), f"{tmp_path / '*.txt'} matches no .txt, .jsonl, .json or .parquet files "
+            "(check the pattern)"]
+
+
+def _val_empty(tmp_path: Path) -> list[str]:
+    write_txt(tmp_path / "few.txt", sample_stories("train", 3))
+    return [str(tmp_path / "few.txt"), "the validation split is empty "
+            "(raise data.val_fraction (e.g. --set data.val_fraction=0.05) or give more stories)"]
+
+
+def _offline(tmp_path: Path) -> list[str]:
+    return ["roneneldan/TinyStories", "cannot fetch dataset roneneldan/TinyStories: HF_HUB_OFFLINE is set "
+            "(use a local path (--dataset path/to/stories.txt) or --dataset sample (bundled stories))"]
+
+
+@pytest.mark.parametrize("case", [_bad_utf8, _no_field, _no_field_parquet, _empty, _no_stories, _missing,
+                                  _empty_folder, _no_glob_match, _val_empty, _offline], ids=lambda f: f.__name__[1:])
+def test_bad_input_is_one_line_exit_1_and_nothing_written(case, tmp_path, capsys):
+    from tinystory import paths
+
+    dataset, message = case(tmp_path)
+    t0 = time.perf_counter()
+    code, out, err = cli(capsys, "--dataset", dataset, "--num-proc", "1", "--out", str(tmp_path / "out"))
+    assert time.perf_counter() - t0 < 10
+    assert (code, out) == (1, "")
+    assert err.splitlines()[-1] == f"error: {message}"
+    assert not [line for line in err.splitlines() if line.startswith(("error", "Traceback"))][:-1]
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+    assert not paths.prepared_dir().exists() or not list(paths.prepared_dir().iterdir())
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--tokenizer", "gpt2"], "unknown tokenizer 'gpt2' (use `mistral` or `bpe:N` (e.g. bpe:4096))"),
+    (["--set", "data.val_fraction=1.5"], "data.val_fraction must be between 0 and 1, got 1.5 (e.g. 0.01)"),
+    (["--errors", "ignore"],
+     "data.errors = 'ignore' (from --errors) is not one of strict, replace (use one of: strict, replace)"),
+])
+def test_bad_settings(args, message, capsys):
+    code, out, err = cli(capsys, *args)
+    assert (code, out, err.strip()) == (1, "", f"error: {message}")
+
+
+def test_tokenizer_mismatch_at_out(tmp_path, capsys):
+    out = str(tmp_path / "p")
+    assert cli(capsys, "--max-stories", "30", "--num-proc", "1", "--out", out)[0] == 0
+    code, _, err = cli(capsys, "--max-stories", "30", "--tokenizer", "bpe:600", "--out", out)
+    assert code == 1
+    assert err.strip() == (f"error: {out} holds data prepared with tokenizer bpe:512, not bpe:600 "
+                           "(choose another --out, or pass --force to replace it)")
+    code, _, err = cli(capsys, "--max-stories", "31", "--out", out)
+    assert code == 1 and err.strip().endswith("holds data prepared from other inputs or options "
+                                              "(choose another --out, or pass --force to replace it)")
+    code, _, _ = cli(capsys, "--max-stories", "30", "--tokenizer", "bpe:600", "--out", out, "--force")
+    assert code == 0 and open_prepared(out).meta["tokenizer"]["name"] == "bpe:600"
+
+
+def test_out_that_is_not_prepared_data_is_left_alone(tmp_path, capsys):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("precious")
+    code, _, err = cli(capsys, "--max-stories", "30", "--out", str(tmp_path / "mine"), "--force")
+    assert code == 1 and err.strip() == (f"error: {tmp_path / 'mine'} exists and is not a prepared-data folder "
+                                         "(choose a new or empty --out)")
+    assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
+
+
+def test_json_without_the_field_lists_its_fields(tmp_path, capsys):
+    (tmp_path / "s.json").write_text(json.dumps({"texts": ["Once.", "Twice."], "source": "x"}))
+    code, _, err = cli(capsys, "--dataset", str(tmp_path / "s.json"), "--out", str(tmp_path / "o"))
+    assert code == 1 and err.strip() == (f"error: {tmp_path / 's.json'} item 0 has no field 'text' "
+                                         "(its fields: texts, source) (pass --text-field with the field that holds "
+                                         "the story)")
+
+
+# --------------------------------------------------------------------- interruption
+
+
+def _run_until_hook(tmp_path: Path, hook: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "_TINYSTORY_PREPARE_CRASH": hook}
+    return subprocess.run(
+        [sys.executable, "-m", "tinystory", "prepare", "--profile", "tiny", "--out", str(tmp_path / "p"), *args],
+        capture_output=True, text=True, env=env, timeout=120)
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if text.encode() in (proc / "cmdline").read_bytes():
+                found.append(int(proc.name))
+        except OSError:
+            pass
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
+def test_killed_run_leaves_nothing_valid_looking(tmp_path):
+    # the whole sample (> POOL_MIN_BYTES) with 2 worker processes, killed mid-way
+    r = _run_until_hook(tmp_path, "kill", "--max-stories", "0", "--tokenizer", "mistral", "--num-proc", "2")
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    assert "read + clean + encode:" not in r.stderr  # died inside the phase, after its first write
+    assert not (tmp_path / "p").exists()
+    (tmp,) = tmp_path.glob(".p.tmp-*")
+    written = sum((tmp / f"{split}.bin").stat().st_size for split in ("train", "val"))
+    assert written > 0 and not (tmp / "meta.json").exists()
+    with pytest.raises(DataError):
+        open_prepared(tmp)
+    deadline = time.monotonic() + 10  # the workers see EOF on stdin and leave
+    while _processes_mentioning(str(tmp)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _processes_mentioning(str(tmp))
+    from tinystory.prepare import prepare
+
+    assert prepare(settings(max_stories=30, num_proc=1, out=str(tmp_path / "p"))) == tmp_path / "p"
+    assert [p.name for p in tmp_path.iterdir()] == ["p"]  # the stale temp folder was swept
+
+
+def test_ctrl_c_cleans_up_and_exits_130(tmp_path):
+    r = _run_until_hook(tmp_path, "interrupt", "--max-stories", "30", "--num-proc", "1")
+    # (typer 0.29 turns KeyboardInterrupt into a silent Exit(130), so cli/app.py prints no
+    # "error: interrupted" line here; the exit code and the clean-up are prepare's part)
+    assert r.returncode == 130 and "encode:" not in r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------- fast encoder
+
+
+ODD = ["  two leading", "trailing  ", "a  b   c", "x▁y ▁z", "tab\there\n\nnew", "emoji 😀 ok", "café naïve",
+       "a </s> b<s>c", "<unk>", " ", "she's we'll they're", "1234 56,7", "\u00a0nbsp\u00a0x", "a\r\nb"]
+
+
+@pytest.mark.parametrize("which", ["mistral", "bpe"])
+def test_chunk_encoder_gives_the_tokenizers_ids(which, bpe_tokenizer):
+    from tokenizers import Tokenizer
+
+    from tinystory.encoder import ChunkEncoder
+    from tinystory.tokenizer import load_mistral
+
+    tok = load_mistral() if which == "mistral" else bpe_tokenizer
+    texts = sample_stories("val") + ODD + [t + " " + o for t, o in zip(sample_stories("train", 14), ODD)]
+    js = tok.backend_tokenizer.to_str()
+    core = Tokenizer.from_str(js)
+    expected = [i for e in core.encode_batch_fast(texts, add_special_tokens=False) for i in (1, *e.ids, 2)]
+    enc = ChunkEncoder(js, 1, 2, "uint16", cache_limit=2000)  # small: the cache restarts several times
+    assert enc.kind == ("space" if which == "mistral" else "bytelevel")
+    got = np.concatenate([enc.encode(texts[i : i + 100]) for i in range(0, len(texts), 100)])
+    assert got.tolist() == expected
+
+
+# ---------------------------------------------------------------------- hub dataset
+
+
+def test_hub_dataset_through_datasets_and_reused_offline(monkeypatch, tmp_path):
+    """The hub path with `datasets.load_dataset` replaced by local data (no network here)."""
+    import datasets
+
+    import tinystory.net
+    from tinystory.prepare import prepare
+
+    train, val = sample_stories("train", 40), sample_stories("val", 5)
+    asked = []
+
+    def fake_load_dataset(hub_id, streaming=False):
+        asked.append((hub_id, streaming))
+        dd = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": train}),
+                                   "validation": datasets.Dataset.from_dict({"text": val})})
+        return datasets.IterableDatasetDict({k: v.to_iterable_dataset() for k, v in dd.items()}) if streaming else dd
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(tinystory.net, "reachable", lambda *a, **k: True)
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    s = settings(dataset="roneneldan/TinyStories", max_stories=30)
+    path = prepare(s)
+    data = open_prepared(path)
+    assert asked == [("roneneldan/TinyStories", True)]
+    assert stories_of(data, "train") == train[:30] and stories_of(data, "val") == val
+    hub = data.meta["sources"]
+    assert [(x["hub_id"], x["hub_split"], x["split"], x["stories_read"]) for x in hub] == [
+        ("roneneldan/TinyStories", "validation", "val", 5), ("roneneldan/TinyStories", "train", "train", 30)]
+    def digest(stories):
+        return hashlib.sha256(b"".join(len(x.encode()).to_bytes(8, "little") + x.encode() for x in stories)).hexdigest()
+
+    assert (hub[0]["sha256"], hub[1]["sha256"]) == (digest(val), digest(train[:30]))
+    # offline later: the same request finds the prepared folder without the network
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert prepare(s) == path and len(asked) == 1
