@@ -1,14 +1,65 @@
-"""Placeholder while the command is built (replaced by its issue's work)."""
+"""`tinystory train`: flags -> settings -> `tinystory.training.train`; prints the run dir."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
 from tinystory.cli.options import ConfigOpt, PrintSettingsOpt, ProfileOpt, SetOpt, resolve
+from tinystory.settings import PRECISIONS
+
+LIMITS = "Length (pick one; the others are cleared)"
 
 
-def train(profile: ProfileOpt = None, config: ConfigOpt = None, set_: SetOpt = None,
-        print_settings: PrintSettingsOpt = False) -> None:
-    """Not built yet."""
-    resolve(profile, config, set_, print_only=print_settings)
-    from tinystory.errors import TinystoryError
+def train(
+    profile: ProfileOpt = None,
+    data: Annotated[Optional[Path], typer.Option("--data", "-d", help="Prepared-data folder (`tinystory prepare`).",
+                                                 file_okay=False, show_default=False)] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run dir to write (or to resume).",
+                                                file_okay=False, show_default=False)] = None,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Optimizer steps.",
+                                                     rich_help_panel=LIMITS, show_default=False)] = None,
+    max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", min=1, help="Training tokens.",
+                                                      rich_help_panel=LIMITS, show_default=False)] = None,
+    minutes: Annotated[Optional[float], typer.Option("--minutes", min=0.01, help="Wall time; the LR schedule is "
+                                                     "fitted to it.", rich_help_panel=LIMITS, show_default=False)] = None,
+    precision: Annotated[Optional[str], typer.Option("--precision", help=f"One of {', '.join(PRECISIONS)} "
+                                                     "(auto: by device; on CPU a measured probe).",
+                                                     show_default=False)] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the latest checkpoint of --out "
+                                         "(else of the newest run).")] = False,
+    init_from: Annotated[Optional[str], typer.Option("--init-from", help="Start from this run's (or hub model's) "
+                                                     "weights: fine-tuning.", show_default=False)] = None,
+    wandb: Annotated[Optional[bool], typer.Option("--wandb/--no-wandb", help="Log to Weights & Biases "
+                                                  "(offline when not logged in).", show_default=False)] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the memory plan and exit.")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    print_settings: PrintSettingsOpt = False,
+) -> None:
+    """Train a model on prepared data; prints the run dir on stdout."""
+    limits = [(name, v) for name, v in (("--max-steps", max_steps), ("--max-tokens", max_tokens),
+                                        ("--minutes", minutes)) if v is not None]
+    if len(limits) > 1:
+        raise typer.BadParameter(f"{limits[0][0]} and {limits[1][0]} cannot be used together")
+    flags = {
+        "train.data": (str(data) if data else None, "--data"),
+        "train.out": (str(out) if out else None, "--out"),
+        "train.precision": (precision, "--precision"),
+        "train.wandb": (None if wandb is None else ("on" if wandb else "off"), "--wandb"),
+    }
+    if limits:  # one length flag replaces whatever length the profile had set
+        flag = limits[0][0]
+        flags.update({"train.max_steps": (max_steps or 0, flag), "train.max_tokens": (max_tokens or 0, flag),
+                      "train.minutes": (float(minutes or 0.0), flag)})
+    settings = resolve(profile, config, set_, flags=flags, print_only=print_settings, sections=["model", "data", "train"])
+    from tinystory.training import train as run_training
 
-    raise TinystoryError("this command is not built yet")
+    run_dir = run_training(settings, resume=resume, init_from=init_from, dry_run=dry_run)
+    if run_dir is not None:
+        import os
+
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(run_dir)

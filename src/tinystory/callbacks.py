@@ -1,0 +1,280 @@
+"""Trainer callbacks: the learning-rate schedule, metrics.jsonl and progress, Ctrl-C,
+divergence, the `--minutes` budget and complete-checkpoint markers.
+
+They share one `Live` object (what the run knows about itself) with `training.py`.
+Only rank 0 writes files or prints; every rank takes the same stop decisions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from tinystory import console
+
+COMPLETE = "complete.json"  # written last into a checkpoint: only these are resumed from
+NONFINITE_PATIENCE = 10  # optimizer steps in a row with a NaN/inf loss before we stop
+
+
+class Schedule:
+    """Linear warmup then cosine decay to `min_ratio` of the peak, over `total` steps.
+
+    A callable object, not a function, so `LambdaLR.state_dict()` saves its fields in every
+    checkpoint: a resumed run gets the same `total` (refitted or not) and `elapsed_s`.
+    """
+
+    def __init__(self, warmup: int, total: int, min_ratio: float) -> None:
+        self.warmup = warmup
+        self.total = total
+        self.min_ratio = min_ratio
+        self.elapsed_s = 0.0  # training wall time so far, across resumes (--minutes)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / (self.warmup + 1)
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@dataclass
+class Live:
+    """What the callbacks and the training function share about the running run."""
+
+    run_dir: Path
+    tokens_per_step: int
+    parameters: int
+    peak_flops: float  # measured matmul FLOP/s in the training dtype (MFU denominator)
+    schedule: Schedule
+    block_size: int = 0
+    is_main: bool = True
+    world_size: int = 1
+    budget_s: float = 0.0  # --minutes as seconds, 0 = none
+    wall_offset_s: float = 0.0  # wall time of earlier sessions (resume)
+    started: float = field(default_factory=time.monotonic)
+    eval_s: float = 0.0  # time spent evaluating this session (not training throughput)
+    interrupted: bool = False
+    stopped_because: str = "max_steps"
+    nonfinite_steps: int = 0
+    nonfinite_value: str = ""
+    first_bad_step: int = 0
+    last_eval: dict[str, float] = field(default_factory=dict)
+    best: dict[str, float] = field(default_factory=dict)
+
+    def wall(self) -> float:
+        """Training wall time in seconds, earlier sessions included."""
+        return self.wall_offset_s + time.monotonic() - self.started
+
+
+def _max_over_ranks(values: list[int], world_size: int) -> list[int]:
+    """Element-wise max of `values` over all ranks (one small all-reduce; identity alone)."""
+    if world_size <= 1:
+        return values
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [int(v) for v in t.tolist()]
+
+
+class Metrics(TrainerCallback):
+    """Appends every logged value to metrics.jsonl (step, tokens, wall time) and shows progress."""
+
+    def __init__(self, live: Live, display: Any) -> None:
+        self.live = live
+        self.display = display
+        self.path = live.run_dir / "metrics.jsonl"
+        self._last: tuple[float, int, float] | None = None  # (time, step, eval_s) at the last log
+
+    def on_train_begin(self, args, state, control, **kw):  # type: ignore[no-untyped-def]
+        self._last = (time.monotonic(), state.global_step, self.live.eval_s)
+        if self.live.is_main:
+            self.display.start(state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kw):  # type: ignore[no-untyped-def]
+        live, logs = self.live, dict(logs or {})
+        row: dict[str, Any] = {"step": state.global_step, "tokens": state.global_step * live.tokens_per_step,
+                               "wall_time_s": round(live.wall(), 3)}
+        if "loss" in logs:
+            now = time.monotonic()
+            t0, step0, eval0 = self._last or (now, 0, 0.0)
+            dt = max(1e-9, now - t0 - (live.eval_s - eval0))  # training time only
+            tok_s = (state.global_step - step0) * live.tokens_per_step / dt
+            self._last = (now, state.global_step, live.eval_s)
+            row.update(loss=logs["loss"], lr=logs.get("learning_rate"), grad_norm=logs.get("grad_norm"),
+                       tok_per_s=round(tok_s, 1), mfu=round(mfu(live, tok_s), 4))
+        elif "eval_loss" in logs:
+            row.update({k: v for k, v in logs.items() if k.startswith("eval_")})
+        else:
+            row.update({k: v for k, v in logs.items() if isinstance(v, (int, float))})
+        if live.is_main:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+            self.display.update(row, state)
+
+    def on_train_end(self, args, state, control, **kw):  # type: ignore[no-untyped-def]
+        if self.live.is_main:
+            self.display.stop()
+
+
+def mfu(live: Live, tok_s: float) -> float:
+    """Model FLOPs utilisation: 6 x parameters x tokens/s over the measured matmul peak."""
+    if live.peak_flops <= 0:
+        return 0.0
+    return 6 * live.parameters * tok_s / (live.peak_flops * live.world_size)
+
+
+class StopControl(TrainerCallback):
+    """Ctrl-C, NaN/inf losses and the wall-time budget: stop at a step boundary.
+
+    The first Ctrl-C asks for a checkpoint and a clean stop; a second one quits at once.
+    A loss that stays non-finite stops the run; no checkpoint is written while it is bad.
+    With `--minutes`, the schedule's length is refitted from the measured step rate
+    (while under 60% of the budget) and the run ends on the schedule's last step or the
+    deadline, whichever comes first.
+    """
+
+    REFIT_UNTIL = 0.6
+
+    def __init__(self, live: Live) -> None:
+        self.live = live
+        self._sigint = False
+        self._previous: Any = None
+        self._fit_from: tuple[float, int] | None = None
+
+    # -- Ctrl-C
+    def _handler(self, signum, frame):  # type: ignore[no-untyped-def]
+        if self._sigint:  # second Ctrl-C: give up now
+            signal.signal(signal.SIGINT, self._previous or signal.default_int_handler)
+            raise KeyboardInterrupt
+        self._sigint = True
+        if self.live.is_main:
+            console.warn("interrupted: saving a checkpoint at the end of this step (Ctrl-C again to quit now)")
+
+    def install(self) -> None:
+        """Take over SIGINT (main thread only; call `restore` afterwards)."""
+        self._previous = signal.signal(signal.SIGINT, self._handler)
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def on_train_begin(self, args, state, control, **kw):  # type: ignore[no-untyped-def]
+        self.live.started = time.monotonic()  # the budget counts training, not start-up
+
+    # -- per step
+    def on_step_end(self, args, state, control, **kw):  # type: ignore[no-untyped-def]
+        live = self.live
+        live.schedule.elapsed_s = live.wall()
+        if live.budget_s and live.is_main:
+            self._fit(state.global_step)
+        end = live.is_main and state.global_step >= live.schedule.total  # rank 0 owns the schedule's length
+        over = bool(live.budget_s) and (end or live.wall() >= live.budget_s)
+        # every rank must take the same decisions: any rank's flag counts, rank 0's schedule length wins
+        bad, diverged, done, sigint, total = _max_over_ranks(
+            [live.nonfinite_steps > 0, live.nonfinite_steps >= NONFINITE_PATIENCE, over, self._sigint,
+             live.schedule.total if live.is_main else 0], live.world_size)
+        live.schedule.total = total
+        if bad:
+            control.should_save = False  # never checkpoint weights that may be poisoned
+        if diverged:
+            live.stopped_because = "diverged"
+            control.should_training_stop = True
+            return control
+        if done:
+            live.stopped_because = "time" if state.global_step < total else "minutes_schedule_end"
+            control.should_training_stop = True
+        if sigint:
+            live.interrupted = True
+            live.stopped_because = "interrupted"
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+    def _fit(self, step: int) -> None:
+        """Refit the schedule's total steps to the budget from the measured step rate."""
+        live = self.live
+        wall = live.wall()
+        if wall > self.REFIT_UNTIL * live.budget_s:
+            return
+        if self._fit_from is None:  # start measuring after the first steps (startup is slow)
+            if step >= 3:
+                self._fit_from = (wall, step)
+            return
+        w0, s0 = self._fit_from
+        if step - s0 < 5 or wall - w0 < 2.0:
+            return
+        rate = (step - s0) / (wall - w0)  # steps/s, evaluations included
+        total = step + int((live.budget_s - wall) * rate)
+        live.schedule.total = max(step + 1, total)
+
+    def on_train_end(self, args, state, control, **kw):  # type: ignore[no-untyped-def]
+        self.restore()
+
+
+class CheckpointMarker(TrainerCallback):
+    """Writes `complete.json` into a checkpoint after every file of it is on disk.
+
+    `latest_checkpoint` only picks checkpoints that have it, so a crash in the middle of a
+    save never leaves something `--resume` would load.
+    """
+
+    def __init__(self, live: Live) -> None:
+        self.live = live
+
+    def on_save(self, args, state, control, **kw):  # type: ignore[no-untyped-def]
+        if self.live.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()  # every rank has written its RNG state
+        if self.live.is_main:
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if ckpt.is_dir():
+                tmp = ckpt / (COMPLETE + ".tmp")
+                tmp.write_text(json.dumps({"step": state.global_step, "wall_time_s": self.live.wall()}))
+                tmp.replace(ckpt / COMPLETE)
+
+
+class WandbInfo(TrainerCallback):
+    """Prints where the W&B run lives on disk (and how to sync an offline run)."""
+
+    def on_train_begin(self, args, state, control, **kw):  # type: ignore[no-untyped-def]
+        try:
+            import wandb
+        except ImportError:  # pragma: no cover - report_to would have failed first
+            return
+        run = wandb.run
+        if run is not None and state.is_world_process_zero:
+            folder = Path(run.dir).parent
+            offline = getattr(run.settings, "mode", "") == "offline" or getattr(run, "offline", False)
+            hint = f" (upload later with `wandb sync {folder}`)" if offline else f" {run.url or ''}"
+            console.info(f"W&B {'offline ' if offline else ''}run folder: {folder}{hint}")
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a run dir, or None."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return None
+    found = [p for p in root.glob("checkpoint-*") if (p / COMPLETE).is_file() and p.name[11:].isdigit()]
+    return max(found, key=lambda p: int(p.name[11:]), default=None)
+
+
+def early_stopping(patience: int) -> TrainerCallback:
+    """transformers' EarlyStoppingCallback, without its warning about load_best_model_at_end:
+    we keep the best model ourselves (checkpoints/best, written at each new best eval)."""
+    from transformers import EarlyStoppingCallback
+
+    class EarlyStopping(EarlyStoppingCallback):
+        def on_train_begin(self, args, state, control, **kw):  # type: ignore[no-untyped-def]
+            return None
+
+    return EarlyStopping(early_stopping_patience=patience)

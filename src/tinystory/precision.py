@@ -1,0 +1,135 @@
+"""Training precision: pick fp16 / bf16 / fp32 for the device, and say why.
+
+On CUDA the answer follows the card (bf16 on Ampere+, fp16 + loss scaling on older ones).
+On a CPU it depends on the chip: bf16 matmul ran ~2x fp32 on our AMD EPYC and ~0.55x on
+our Intel Xeon, so `auto` times a few real training steps of the actual model in both
+and keeps the faster. fp16 on a CPU is refused: `TrainingArguments(fp16=True)` without
+CUDA silently trains fp32, and fp16 matmul on these CPUs is ~100x slower anyway.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from tinystory.errors import TrainingError
+
+if TYPE_CHECKING:
+    import torch
+
+def fp16_needs_cuda() -> TrainingError:
+    """The one-line error for fp16 without CUDA (Trainer would silently train fp32)."""
+    return TrainingError("fp16 training needs a CUDA GPU and this machine has none",
+                         "use --precision auto, bf16 or fp32")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The chosen precision, why, and the probe's step times (ms) when one ran."""
+
+    name: str  # fp32 | bf16 | fp16
+    reason: str
+    step_ms: dict[str, float]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        import torch
+
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.name]
+
+
+def device_type() -> str:
+    """`cuda` when a CUDA GPU is visible, else `cpu`."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve(asked: str, device: str, model: torch.nn.Module | None = None, batch_shape: tuple[int, int] = (8, 64),
+            probe_steps: int = 2) -> Precision:
+    """The precision to train in: `asked` (auto|fp32|bf16|fp16) checked against `device`.
+
+    On CPU, `auto` runs `probe` on `model` with a (B, T) batch of random tokens.
+    """
+    import torch
+
+    if device == "cuda":
+        bf16_ok = torch.cuda.is_bf16_supported()
+        if asked == "auto":
+            if bf16_ok:
+                return Precision("bf16", "auto: this GPU supports bf16", {})
+            return Precision("fp16", "auto: this GPU has no bf16, so fp16 with loss scaling", {})
+        if asked == "bf16" and not bf16_ok:
+            raise TrainingError("this GPU has no bf16 support", "use --precision fp16 (loss-scaled) or fp32")
+        return Precision(asked, f"asked for {asked}", {})
+    if asked == "fp16":
+        raise fp16_needs_cuda()
+    if asked != "auto":
+        return Precision(asked, f"asked for {asked}", {})
+    if model is None:
+        return Precision("fp32", "auto without a model to probe: fp32", {})
+    ms = probe(model, batch_shape, steps=probe_steps)
+    fast = "bf16" if ms["bf16"] < ms["fp32"] else "fp32"
+    slow = "fp32" if fast == "bf16" else "bf16"
+    why = (f"auto: {fast} trained {ms[slow] / ms[fast]:.2f}x faster than {slow} on this CPU "
+           f"({ms[fast]:.0f} vs {ms[slow]:.0f} ms a step in a short probe)")
+    return Precision(fast, why, ms)
+
+
+def probe(model: torch.nn.Module, batch_shape: tuple[int, int], steps: int = 2,
+          names: tuple[str, ...] = ("fp32", "bf16"), device: str = "cpu") -> dict[str, float]:
+    """Median ms of a forward+backward step of `model` in each precision of `names`.
+
+    One warm-up step each, then the precisions alternate so none gets the quieter
+    moment. Gradients are zeroed afterwards; the weights are not changed.
+    """
+    import torch
+
+    B, T = batch_shape
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (B, T), generator=gen).to(device)  # (B, T)
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    times: dict[str, list[float]] = {n: [] for n in names}
+
+    def step(name: str) -> float:
+        sync()
+        t0 = time.perf_counter()
+        with torch.autocast(device, dtype=dtypes[name], enabled=name != "fp32"):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        sync()
+        return time.perf_counter() - t0
+
+    was_training = model.training
+    model.train()
+    for name in names:
+        step(name)
+    for _ in range(steps):
+        for name in names:
+            times[name].append(step(name))
+    model.train(was_training)
+    return {k: 1000 * sorted(v)[len(v) // 2] for k, v in times.items()}
+
+
+def matmul_peak(dtype: torch.dtype, device: str = "cpu", n: int = 1024, seconds: float = 0.3) -> float:
+    """Measured dense matmul throughput (FLOP/s) of this device in `dtype`: the MFU denominator."""
+    import torch
+
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    torch.matmul(a, b)  # warm up (kernel selection, caches)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
+    reps, t0 = 0, time.perf_counter()
+    while True:
+        torch.matmul(a, b)
+        reps += 1
+        if reps % 4 == 0:
+            sync()
+            elapsed = time.perf_counter() - t0
+            if elapsed >= seconds:
+                return 2 * n**3 * reps / elapsed

@@ -1,0 +1,89 @@
+"""Training progress on stderr: one rich live line on a terminal, plain log lines otherwise."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+from tinystory import console
+
+
+def _clock(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    h, rem = divmod(seconds, 3600)
+    return f"{h}:{rem // 60:02d}:{rem % 60:02d}" if h else f"{rem // 60}:{rem % 60:02d}"
+
+
+class Display:
+    """Shows step, loss, eval loss, tok/s, MFU and ETA.
+
+    total: a callable giving the current planned total steps (it can change with --minutes).
+    """
+
+    def __init__(self, total: Callable[[], int], interactive: bool | None = None) -> None:
+        self.total = total
+        self.interactive = console.interactive() if interactive is None else interactive
+        self.fields: dict[str, Any] = {}
+        self._live: Any = None
+        self._t0 = time.monotonic()
+        self._step0 = 0
+        self._step = 0
+
+    def start(self, step: int) -> None:
+        self._t0, self._step0 = time.monotonic(), step
+        if self.interactive:
+            from rich.live import Live
+
+            self._step = step
+            self._live = Live(self, console=console.console(), refresh_per_second=2, transient=False)
+            self._live.start()
+
+    def _eta(self, step: int) -> str:
+        done = step - self._step0
+        if done <= 0:
+            return "?"
+        per_step = (time.monotonic() - self._t0) / done
+        return _clock(per_step * max(0, self.total() - step))
+
+    def _line(self, step: int) -> str:
+        f = self.fields
+        parts = [f"step {step}/{self.total()}"]
+        if "loss" in f:
+            parts.append(f"loss {f['loss']:.4f}")
+        if "eval_loss" in f:
+            parts.append(f"eval {f['eval_loss']:.4f} (bpb {f.get('eval_bpb', float('nan')):.3f})")
+        if "lr" in f and f["lr"] is not None:
+            parts.append(f"lr {f['lr']:.2e}")
+        if "tok_per_s" in f:
+            parts.append(f"{f['tok_per_s']:,.0f} tok/s")
+        if f.get("mfu"):
+            parts.append(f"MFU {100 * f['mfu']:.0f}%")
+        parts.append(f"ETA {self._eta(step)}")
+        return "  ".join(parts)
+
+    def __rich__(self) -> Any:
+        """Re-rendered at every refresh, so the ETA keeps moving between log steps."""
+        from rich.text import Text
+
+        return Text(self._line(self._step))
+
+    def update(self, row: dict[str, Any], state: Any) -> None:
+        """A new metrics row: refresh the live line, or print a plain line."""
+        self.fields.update({k: v for k, v in row.items() if v is not None})
+        step = self._step = row["step"]
+        if self._live is not None:
+            self._live.refresh()
+            if "eval_loss" in row:  # keep evaluations in the scrollback
+                self._live.console.print(
+                    f"eval at step {step}: loss {row['eval_loss']:.4f}  ppl {row['eval_ppl']:.2f}  "
+                    f"bpb {row['eval_bpb']:.4f}")
+        elif "eval_loss" in row:
+            console.info(f"eval  step {step}: loss {row['eval_loss']:.4f}  ppl {row['eval_ppl']:.2f}  "
+                         f"bpb {row['eval_bpb']:.4f}")
+        elif "loss" in row:
+            console.info(self._line(step))
+
+    def stop(self) -> None:
+        if self._live is not None:
+            self._live.stop()
+            self._live = None

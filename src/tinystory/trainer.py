@@ -1,0 +1,225 @@
+"""The Trainer wiring: our data order, LR schedule, NaN watch and bits-per-byte evaluation
+on top of `transformers.Trainer`, and the TrainingArguments a profile turns into."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tinystory import console
+from tinystory.distributed import world
+
+if TYPE_CHECKING:
+    import numpy as np
+    from transformers import PreTrainedModel
+
+    from tinystory.callbacks import Live
+    from tinystory.precision import Precision
+    from tinystory.settings import Settings
+
+class SeededOrder:
+    """A shuffled order of the blocks fixed by (seed, epoch): every rank and every resumed
+    session sees the same sequence, so a resume skips exactly the batches already trained."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        import torch
+
+        gen = torch.Generator().manual_seed(self.seed + 1_000_003 * self.epoch)
+        return iter(torch.randperm(self.n, generator=gen).tolist())
+
+
+def trainer_class():  # type: ignore[no-untyped-def]
+    """The Trainer subclass (built lazily: transformers is imported only when training)."""
+    import torch
+    from transformers import Trainer
+
+    class StoryTrainer(Trainer):
+        """Trainer with our data order, schedule, NaN watch and bits-per-byte evaluation."""
+
+        def __init__(self, *args: Any, live: Live, val: np.ndarray, byte_lengths: np.ndarray,
+                     check_every: int, **kw: Any) -> None:
+            super().__init__(*args, **kw)
+            self.live, self.val, self.byte_lengths, self.check_every = live, val, byte_lengths, check_every
+            self._bad = torch.zeros((), dtype=torch.int64, device=self.args.device)
+            self._n = 0
+
+        def _get_train_sampler(self, train_dataset=None):  # type: ignore[no-untyped-def]
+            return SeededOrder(len(train_dataset or self.train_dataset), self.args.seed)
+
+        def create_scheduler(self, num_training_steps, optimizer=None):  # type: ignore[no-untyped-def]
+            if self.lr_scheduler is None:
+                self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, self.live.schedule)
+            return self.lr_scheduler
+
+        def training_step(self, model, inputs, num_items_in_batch=None):  # type: ignore[no-untyped-def]
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            self._bad += (~torch.isfinite(loss.detach())).long()
+            self._n += 1
+            if self._n % self.check_every == 0:  # one host sync per check, not per step on GPU
+                bad = int(self._bad)
+                self._bad.zero_()
+                live = self.live
+                if bad == self.check_every:
+                    if not live.nonfinite_steps:
+                        live.first_bad_step = self.state.global_step + 1  # 1-based, as logged
+                        live.nonfinite_value = "NaN" if torch.isnan(loss).any() else "inf"
+                    live.nonfinite_steps += bad
+                else:
+                    live.nonfinite_steps = 0
+            return loss
+
+        def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):  # type: ignore[no-untyped-def]
+            t0 = time.monotonic()
+            sums = score_blocks(self.model, self.val, self.live.block_size, self.args.per_device_eval_batch_size,
+                                self.byte_lengths, self.args.device)
+            from tinystory import metrics as m
+
+            loss = sums["nats"] / sums["tokens"]
+            out = {"eval_loss": loss, "eval_ppl": m.perplexity(min(loss, 50.0)),
+                   "eval_bpb": m.bits_per_byte(sums["text_nats"], sums["bytes"])}
+            self.live.eval_s += time.monotonic() - t0
+            self.live.last_eval = dict(out, step=self.state.global_step)
+            if out["eval_loss"] < self.live.best.get("eval_loss", float("inf")):
+                self.live.best = dict(out, step=self.state.global_step)
+                if self.live.is_main:
+                    save_best(self.model, self.live)
+            self.log(dict(out))
+            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, out)
+            return out
+
+    return StoryTrainer
+
+
+def score_blocks(model: Any, tokens: np.ndarray, block_size: int, batch_size: int, byte_lengths: np.ndarray,
+                 device: Any) -> dict[str, float]:
+    """Sums of nats over non-overlapping blocks of `tokens` (tokens 2..T of each block are
+    targets): over all targets (the loss) and over text targets with their UTF-8 bytes
+    (bits per byte, specials left out of both, as `metrics.bits_per_byte` defines)."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    nbytes = torch.from_numpy(np.asarray(byte_lengths, dtype=np.int64))
+    n_blocks = len(tokens) // block_size
+    sums = {"nats": 0.0, "tokens": 0, "text_nats": 0.0, "bytes": 0}
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for first in range(0, n_blocks, batch_size):
+            B = min(batch_size, n_blocks - first)
+            chunk = np.asarray(tokens[first * block_size:(first + B) * block_size], dtype=np.int64)
+            x = torch.from_numpy(chunk).view(B, block_size).to(device)  # (B, T)
+            logits = model(input_ids=x, use_cache=False).logits.float()  # (B, T, V)
+            targets = x[:, 1:].reshape(-1)  # (B*(T-1),)
+            nats = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), targets, reduction="none").double()
+            b = nbytes.to(targets.device)[targets]  # (B*(T-1),) 0 for specials
+            sums["nats"] += nats.sum().item()
+            sums["tokens"] += targets.numel()
+            sums["text_nats"] += nats[b > 0].sum().item()
+            sums["bytes"] += int(b.sum())
+    model.train(was_training)
+    return sums
+
+
+def save_best(model: PreTrainedModel, live: Live) -> None:
+    """The best model so far into checkpoints/best (swapped in whole, never half-written)."""
+    best = live.run_dir / "checkpoints" / "best"
+    tmp = best.with_name(".best-tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    (tmp / "best.json").write_text(json.dumps(live.best), encoding="utf-8")
+    old = best.with_name(".best-old")
+    shutil.rmtree(old, ignore_errors=True)
+    if best.exists():
+        best.rename(old)
+    tmp.rename(best)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def training_args(settings: Settings, run_dir: Path, prec: Precision, device: str, max_steps: int,
+                  report_to: list[str]) -> Any:
+    """The TrainingArguments for `settings.train` (checkpoints go to run_dir/checkpoints)."""
+    from transformers import TrainingArguments
+
+    t = settings.train
+    evaluating = t.eval_every > 0
+    return TrainingArguments(
+        output_dir=str(run_dir / "checkpoints"),
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        max_steps=max_steps,
+        learning_rate=t.lr,
+        warmup_steps=t.warmup_steps,  # used by our Schedule (create_scheduler is ours)
+        weight_decay=t.weight_decay,
+        adam_beta1=t.beta1,
+        adam_beta2=t.beta2,
+        max_grad_norm=t.grad_clip,
+        optim=optimizer_name(settings, device),
+        bf16=prec.name == "bf16",
+        fp16=prec.name == "fp16",
+        use_cpu=device == "cpu",
+        activation_checkpointing=t.activation_checkpointing,
+        torch_compile=compile_ok(t.torch_compile, device),
+        eval_strategy="steps" if evaluating else "no",
+        eval_steps=t.eval_every if evaluating else None,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        save_strategy="steps",
+        save_steps=t.save_every,
+        save_total_limit=t.keep_checkpoints,
+        logging_strategy="steps",
+        logging_steps=t.log_every,
+        logging_nan_inf_filter=False,  # we want to see a NaN, not have it averaged away
+        report_to=report_to,
+        run_name=run_dir.name,
+        seed=t.seed,
+        data_seed=t.seed,
+        dataloader_num_workers=t.dataloader_workers,
+        dataloader_drop_last=True,  # static shapes (torch.compile) and equal blocks per step
+        ddp_backend="gloo" if device == "cpu" and world()[2] > 1 else None,
+        ddp_find_unused_parameters=False,
+        disable_tqdm=True,
+        save_only_model=False,
+        restore_callback_states_from_checkpoint=True,  # early-stopping patience survives a resume
+    )
+
+
+def optimizer_name(settings: Settings, device: str) -> str:
+    """The optimizer to use: 8-bit AdamW only where CUDA is (it steps ~30x slower on a CPU)."""
+    name = settings.train.optimizer
+    if name == "adamw_bnb_8bit" and device != "cuda":
+        console.info("optimizer: torch AdamW (8-bit AdamW steps ~30x slower on a CPU)")
+        return "adamw_torch"
+    return name
+
+
+def compile_ok(asked: bool, device: str) -> bool:
+    """torch.compile when asked and it can work here: on a CPU, inductor needs a C++
+    compiler (and does not run on Windows), so without one we warn and train eagerly."""
+    import os
+    import shutil
+    import sys
+
+    if not asked or device != "cpu":
+        return asked
+    if sys.platform == "win32":
+        console.warn("torch.compile does not run on Windows CPUs here: training without it")
+        return False
+    if not (os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")):
+        console.warn("torch.compile needs a C++ compiler on a CPU (none found): training without it, ~10% slower")
+        return False
+    return True
+

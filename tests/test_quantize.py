@@ -1,0 +1,223 @@
+"""`tinystory quantize`: int8 round trip, int8 stays close to fp32 on a trained model, the
+comparison table and manifest, and one-line errors for unknown or unsupported methods."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import tiny_trained
+from conftest import sample_stories
+from tinystory import quantization as Q
+from tinystory.cli.app import main
+from tinystory.errors import QuantizationError
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: no thread spinning on a busy machine
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, bpe_tokenizer):
+    return tiny_trained.trained_run(tmp_path_factory, bpe_tokenizer, sample_stories("train", 800))
+
+
+def cli(capsys, *argv: str) -> tuple[int, str, str]:
+    """Run `tinystory ARGV` in process: (exit code, stdout, stderr)."""
+    with pytest.raises(SystemExit) as e:
+        main(list(argv))
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
+
+
+# ------------------------------------------------------------------------- errors
+
+
+def test_unknown_method_is_one_line_error():
+    with pytest.raises(QuantizationError) as e:
+        Q.check_method("int4")
+    assert str(e.value) == "unknown quantization method 'int4' (did you mean 'int8'?)"
+
+
+def test_bnb_needs_cuda():
+    with pytest.raises(QuantizationError) as e:
+        Q.check_method("bnb-nf4", cuda=False)
+    assert str(e.value) == ("bnb-nf4 needs a CUDA GPU (bitsandbytes quantizes on CUDA), none is here "
+                            "(on this CPU use --method int8, or gguf-q8_0 for llama.cpp)")
+    Q.check_method("bnb-int8", cuda=True)  # fine where CUDA is
+
+
+def test_cli_errors_exit_1_with_one_line(capsys, random_run):
+    code, out, err = cli(capsys, "quantize", str(random_run), "--method", "int4")
+    assert (code, out) == (1, "")
+    assert err.strip() == ("error: quantize.method = 'int4' (from --method) is not one of int8, bnb-int8, bnb-nf4, "
+                           "gguf-f32, gguf-f16, gguf-q8_0 (did you mean 'int8'?)")
+    import torch
+
+    if not torch.cuda.is_available():
+        code, out, err = cli(capsys, "quantize", str(random_run), "--method", "bnb-int8")
+        assert (code, out) == (1, "")
+        assert err.strip().startswith("error: bnb-int8 needs a CUDA GPU") and len(err.strip().splitlines()) == 1
+
+
+def test_output_paths(tmp_path):
+    run = tmp_path / "run7"
+    assert Q._output(run, "int8", None) == run / "quantized" / "int8"
+    assert Q._output(run, "gguf-q8_0", None) == run / "quantized" / "run7-q8_0.gguf"
+    assert Q._output(run, "gguf-f16", tmp_path / "x") == tmp_path / "x" / "run7-f16.gguf"
+    assert Q._output(run, "gguf-f16", tmp_path / "m.gguf") == tmp_path / "m.gguf"
+    hub = tmp_path / "hub" / "models--user--story" / "snapshots" / "abc123"
+    assert Q._output(hub, "gguf-q8_0", None) == Path.cwd() / "quantized" / "story-q8_0.gguf"
+    with pytest.raises(QuantizationError, match="is a .gguf file but int8 writes a folder"):
+        Q._output(run, "int8", tmp_path / "m.gguf")
+
+
+# --------------------------------------------------------------------------- int8
+
+
+def test_int8_round_trip(random_run, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from tinystory import tokenizer as T
+
+    model = AutoModelForCausalLM.from_pretrained(random_run).eval()
+    tok = T.load(random_run)
+    Q.save_int8(model, tok, tmp_path / "int8")
+    saved = load_file(str(tmp_path / "int8" / Q.INT8_WEIGHTS))
+    # every matrix is int8 (tied embedding stored once, as the head), only norms and scales are fp32
+    matrices = {k: v for k, v in saved.items() if v.dim() == 2}
+    assert len(matrices) == 2 * 7 + 1 and all(v.dtype == torch.int8 for v in matrices.values())
+    assert "model.embed_tokens.weight" not in saved
+    assert all(v.dtype == torch.float32 and v.dim() == 1 for k, v in saved.items() if k not in matrices)
+    size = (tmp_path / "int8" / Q.INT8_WEIGHTS).stat().st_size
+    assert size / (random_run / "model.safetensors").stat().st_size < 0.30
+
+    reloaded, tok2 = Q.load_int8(tmp_path / "int8")
+    in_memory = Q.build_int8(model.config, Q.int8_state(model))
+    ids = torch.tensor([tok("Once upon a time")["input_ids"]])  # (1, T)
+    with torch.no_grad():
+        a, b, ref = reloaded(ids).logits, in_memory(ids).logits, model(ids).logits
+    assert torch.equal(a, b)  # save + load changes nothing
+    assert (a - ref).abs().max() < 0.05 * ref.abs().max()
+    assert tok2("Once upon a time")["input_ids"] == tok("Once upon a time")["input_ids"]
+    out = reloaded.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=2)
+    assert out.shape == (1, ids.shape[1] + 5)  # generate + KV cache work on the int8 modules
+
+
+def test_load_int8_missing_is_one_line_error(tmp_path):
+    with pytest.raises(QuantizationError) as e:
+        Q.load_int8(tmp_path)
+    assert str(e.value) == (f"{tmp_path} holds no int8 model (model-int8.safetensors is missing) "
+                            "(run `tinystory quantize RUN --method int8`)")
+
+
+def test_int8_stays_close_on_trained_model(trained_run):
+    from transformers import AutoModelForCausalLM
+
+    from tinystory import tokenizer as T
+
+    model = AutoModelForCausalLM.from_pretrained(trained_run).eval()
+    tok = T.load(trained_run)
+    int8 = Q.build_int8(model.config, Q.int8_state(model))
+    blocks = Q.val_blocks(trained_run, tok, 4096)
+    lengths = T.token_byte_lengths(tok)
+    ref, q = Q.torch_scorer(model, tok.eos_token_id), Q.torch_scorer(int8, tok.eos_token_id)
+    prompt = tok("Once upon a time")["input_ids"]
+    bpb_ref, bpb_q = Q.bits_per_byte(ref, blocks, lengths), Q.bits_per_byte(q, blocks, lengths)
+    assert bpb_ref == pytest.approx(BPB_FP32, abs=0.01)  # pinned: the fixture's model
+    assert bpb_q / bpb_ref - 1 == pytest.approx(BPB_INT8_DELTA, abs=0.0005)
+    assert Q.leading_match(ref.greedy(prompt, 32, True), q.greedy(prompt, 32, True)) == 32
+
+
+BPB_FP32 = 2.0728
+BPB_INT8_DELTA = 0.00104  # +0.10%
+
+
+# ------------------------------------------------------------------------ command
+
+
+def test_quantize_int8_command(capsys, trained_run, tmp_path):
+    out_dir = tmp_path / "q"
+    code, out, err = cli(capsys, "quantize", str(trained_run), "--method", "int8", "--out", str(out_dir),
+                         "--profile", "tiny", "--set", "generate.threads=1")
+    assert code == 0, err
+    assert out == f"{out_dir}\n"  # only the path on stdout
+    assert sorted(p.name for p in out_dir.iterdir()) == [
+        "config.json", "generation_config.json", "model-int8.safetensors", "quantization.json",
+        "tokenizer.json", "tokenizer_config.json"]
+    manifest = json.loads((out_dir / "quantization.json").read_text())
+    assert manifest["method"] == "int8" and manifest["source_run"] == str(trained_run)
+    assert manifest["library"].startswith("torch.ao.quantization.quantize_dynamic")
+    assert set(manifest["versions"]) == {"tinystory-llm", "torch", "transformers"}
+    assert manifest["settings"]["prompt"] == "Once upon a time" and manifest["settings"]["compare_tokens"] == 32
+    ref, row = manifest["comparison"]["rows"]
+    assert ref["model"] == "unquantized fp32" and row["model"] == "int8 (torch.ao dynamic)"
+    assert row["size_bytes"] < 0.3 * ref["size_bytes"]
+    assert row["greedy_match"] == row["greedy_len"] == ref["greedy_len"]
+    assert abs(row["bpb"] / ref["bpb"] - 1) < 0.01
+    assert manifest["comparison"]["threads"] == 1
+    assert "| int8 (torch.ao dynamic) |" in err and "| unquantized fp32 |" in err  # the table, on stderr
+
+    model, tok = Q.load_quantized(out_dir)  # what `generate` / `eval` call for a quantized folder
+    assert type(model).__name__ == "MistralForCausalLM"
+
+    code, out, err = cli(capsys, "quantize", str(out_dir), "--method", "int8")
+    assert code == 1 and err.strip() == (f"error: {out_dir} is not an unquantized run dir "
+                                         "(pass the run dir that training wrote)")
+
+
+def test_format_table():
+    rows = [Q.Row("unquantized fp32", 1_000_000, 2.0, 100.0, 32, 32),
+            Q.Row("gguf-q8_0", 270_000, note="llama-cpp-python not installed")]
+    assert Q.format_table(rows).splitlines()[2:] == [
+        "| unquantized fp32 | 1.00 | 100% | 2.0000 | +0.00% | 100.0 | 1.00x | 32/32 |",
+        "| gguf-q8_0 (llama-cpp-python not installed) | 0.27 | 27% | n/a | n/a | n/a | n/a | n/a |",
+    ]
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _cuda(), reason="bitsandbytes quantization needs a CUDA GPU")
+@pytest.mark.parametrize("method", ["bnb-int8", "bnb-nf4"])
+def test_bnb_quantize_reload_generate(trained_run, tmp_path, method):
+    from tinystory.settings import load_settings
+
+    settings = load_settings(profile="tiny", env={}).replace(quantize__method=method)
+    target, rows = Q.quantize(trained_run, settings, tmp_path / method, val_tokens=1024, gen_tokens=16, reps=1)
+    assert (target / "config.json").is_file() and Q.read_manifest(target)["method"] == method
+    model, tok = Q.load_quantized(target)  # plain from_pretrained underneath
+    ids = tok("Once upon a time", return_tensors="pt")["input_ids"].to(model.device)
+    assert model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False).shape[1] == ids.shape[1] + 8
+    assert rows[1].size_bytes < rows[0].size_bytes
+
+
+def test_int8_untied_embeddings_round_trip(bpe_tokenizer):
+    import torch
+
+    from tinystory.model import build_config, build_model
+
+    config = build_config("tiny", len(bpe_tokenizer))
+    config.tie_word_embeddings = False
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    state = Q.int8_state(model)
+    assert state["model.embed_tokens.weight"].dtype == state["lm_head.weight"].dtype == torch.int8
+    ids = torch.tensor([[1, 40, 41, 42]])
+    with torch.no_grad():
+        a, ref = Q.build_int8(config, state)(ids).logits, model(ids).logits
+    assert (a - ref).abs().max() < 0.05 * ref.abs().max()

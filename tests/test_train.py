@@ -1,0 +1,311 @@
+"""`tinystory train`: the tiny profile on real text (the bundled sample), a few dozen steps."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import sample_stories
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_prepared(folder: Path, tok, train: list[str], val: list[str], name: str = "bpe:512") -> Path:
+    """A prepared folder in the agreed format (what `tinystory prepare` writes)."""
+    import numpy as np
+
+    from tinystory.tokenizer import fingerprint
+
+    folder.mkdir(parents=True, exist_ok=True)
+    splits = {}
+    for split, stories in (("train", train), ("val", val)):
+        ids: list[int] = []
+        for enc in tok(stories, add_special_tokens=False)["input_ids"]:
+            ids += [tok.bos_token_id, *enc, tok.eos_token_id]
+        arr = np.asarray(ids, dtype=np.uint16)
+        arr.tofile(folder / f"{split}.bin")
+        splits[split] = {"stories": len(stories), "tokens": len(arr), "bytes": sum(len(s.encode()) for s in stories)}
+    meta = {"format": 1, "dtype": "uint16",
+            "tokenizer": {"name": name, "sha256": fingerprint(tok), "vocab_size": len(tok), "bos_id": 1, "eos_id": 2},
+            "splits": splits}
+    (folder / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory: pytest.TempPathFactory, bpe_tokenizer) -> Path:
+    """2,000 training and 200 validation stories of the sample, BPE 512 (~0.7M tokens)."""
+    return write_prepared(tmp_path_factory.mktemp("prepared"), bpe_tokenizer,
+                          sample_stories("train", 2000), sample_stories("val", 200))
+
+
+def tiny(prepared: Path, out: Path, **train: object):
+    """The tiny profile on `prepared`, written to `out`, with train.* overrides."""
+    from tinystory.settings import load_settings
+
+    base = load_settings(profile="tiny", env={})
+    return base.replace(train__data=str(prepared), train__out=str(out), **{f"train__{k}": v for k, v in train.items()})
+
+
+def rows(run: Path) -> list[dict]:
+    return [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines() if r]
+
+
+def cli(*args: str, env: dict | None = None, **kw) -> subprocess.Popen:
+    full = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.Popen([sys.executable, "-m", "tinystory", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=full, cwd=ROOT, **kw)
+
+
+# ------------------------------------------------------------------------------ training
+
+
+@pytest.fixture(scope="session")
+def trained(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """30 steps of the tiny profile (eval every 10, checkpoints every 10, all kept)."""
+    from tinystory.training import train
+
+    out = tmp_path_factory.mktemp("runs") / "trained"
+    return train(tiny(prepared, out, max_steps=30, eval_every=10, save_every=10, keep_checkpoints=5, log_every=5))
+
+
+def test_loss_falls_on_real_text(trained: Path) -> None:
+    train_rows = [r for r in rows(trained) if "loss" in r]
+    assert [r["step"] for r in train_rows] == [5, 10, 15, 20, 25, 30]
+    first, last = train_rows[0]["loss"], train_rows[-1]["loss"]
+    assert abs(first - math.log(512)) < 0.5  # starts near uniform over the vocab
+    assert last < first - 0.6
+    evals = [r for r in rows(trained) if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [10, 20, 30]
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+    assert all(r["tokens"] == r["step"] * 8 * 64 for r in rows(trained))
+    assert evals[-1]["eval_ppl"] == pytest.approx(math.exp(evals[-1]["eval_loss"]))
+
+
+def test_run_dir_contents(trained: Path) -> None:
+    from tinystory.runs import has_model, run_settings
+
+    names = {p.name for p in trained.iterdir()}
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "settings.toml",
+            "metrics.jsonl", "run.json", "loss.png", "checkpoints"} <= names
+    assert not [n for n in names if n.startswith(".")]  # no temp files left
+    assert has_model(trained)
+    info = json.loads((trained / "run.json").read_text())
+    assert info["steps"] == 30 and info["tokens_seen"] == 30 * 8 * 64
+    assert info["stopped_because"] == "max_steps"
+    assert info["precision"] == "fp32" and info["parameters"] == 139_584
+    assert info["data"]["tokenizer"] == "bpe:512" and len(info["data"]["tokenizer_sha256"]) == 64
+    assert run_settings(trained).train.max_steps == 30
+    ckpts = sorted(p.name for p in (trained / "checkpoints").iterdir())
+    assert ckpts == ["best", "checkpoint-10", "checkpoint-20", "checkpoint-30"]
+    gen = json.loads((trained / "generation_config.json").read_text())
+    assert (gen["do_sample"], gen["top_p"], gen["temperature"], gen["max_new_tokens"]) == (True, 0.9, 1.0, 64)
+    assert (gen["bos_token_id"], gen["eos_token_id"]) == (1, 2)
+
+
+def test_run_dir_reloads_with_plain_transformers(trained: Path, prepared: Path) -> None:
+    """Plain AutoModelForCausalLM gives the logits training evaluated: the same val loss."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tinystory.data import open_prepared
+    from tinystory.tokenizer import token_byte_lengths
+    from tinystory.trainer import score_blocks
+
+    model = AutoModelForCausalLM.from_pretrained(str(trained))
+    tok = AutoTokenizer.from_pretrained(str(trained))
+    info = json.loads((trained / "run.json").read_text())
+    val = open_prepared(prepared).tokens("val")[:8192]
+    sums = score_blocks(model, val, 64, 8, token_byte_lengths(tok), "cpu")
+    assert sums["nats"] / sums["tokens"] == pytest.approx(info["best_eval_loss"], abs=1e-5)
+    ids = tok("Once upon a time", return_tensors="pt").input_ids
+    assert ids[0, 0].item() == 1  # BOS, as in training
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert out.shape == (1, ids.shape[1] + 5)
+
+
+def test_resume_reproduces_the_uninterrupted_losses(trained: Path, tmp_path: Path) -> None:
+    """Drop everything after step 10, resume: steps 15..30 repeat the first run's losses."""
+    import shutil
+
+    from tinystory.training import train
+
+    run = tmp_path / "resumed"
+    shutil.copytree(trained, run)
+    for name in ("checkpoint-20", "checkpoint-30"):
+        shutil.rmtree(run / "checkpoints" / name)
+    (run / "model.safetensors").unlink()
+    assert train(tiny(run.parent, run), resume=True) == run  # data/settings come from the run itself
+    before = {r["step"]: r for r in rows(trained) if "loss" in r}
+    after = {r["step"]: r for r in rows(run) if "loss" in r}
+    assert sorted(after) == [5, 10, 15, 20, 25, 30]
+    for step in (15, 20, 25, 30):
+        assert after[step]["loss"] == pytest.approx(before[step]["loss"], rel=1e-4)
+        assert after[step]["lr"] == pytest.approx(before[step]["lr"], rel=1e-9)
+    assert json.loads((run / "run.json").read_text())["steps"] == 30
+
+
+def test_early_stopping_triggers(prepared: Path, tmp_path: Path) -> None:
+    """With lr 0 the eval loss never improves: stop after the best eval + 2 more."""
+    from tinystory.training import train
+
+    run = train(tiny(prepared, tmp_path / "es", lr=0.0, max_steps=50, eval_every=2, save_every=50, log_every=2,
+                     early_stopping_patience=2))
+    info = json.loads((run / "run.json").read_text())
+    assert (info["stopped_because"], info["steps"]) == ("early_stopping", 6)
+
+
+def test_wandb_offline_run_folder(prepared: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from tinystory.training import train
+
+    assert os.environ["WANDB_MODE"] == "offline"
+    train(tiny(prepared, tmp_path / "wb", max_steps=2, eval_every=0, wandb="on"))
+    runs = list((Path(os.environ["WANDB_DIR"]) / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    assert f"W&B offline run folder: {runs[0]}" in capsys.readouterr().err.replace("\n", "")
+
+
+# ---------------------------------------------------------------------------- the CLI
+
+
+def test_fp16_on_cpu_is_one_line(prepared: Path, capsys: pytest.CaptureFixture) -> None:
+    from tinystory.cli.app import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--profile", "tiny", "--data", str(prepared), "--precision", "fp16"])
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert err == ("error: fp16 training needs a CUDA GPU and this machine has none "
+                   "(use --precision auto, bf16 or fp32)\n")
+
+
+def test_bad_data_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from tinystory.cli.app import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--profile", "tiny", "--data", str(tmp_path / "nope")])
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: prepared data {tmp_path / 'nope'} does not exist")
+
+
+def test_length_flags_are_exclusive(capsys: pytest.CaptureFixture) -> None:
+    from tinystory.cli.app import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--max-steps", "3", "--minutes", "1"])
+    assert e.value.code == 2
+
+
+def test_init_from_needs_the_same_tokenizer(random_run: Path, tmp_path: Path, capsys) -> None:
+    from tinystory.cli.app import main
+    from tinystory.tokenizer import train_bpe
+
+    other = train_bpe(sample_stories("train", 100), 300)
+    data = write_prepared(tmp_path / "other", other, sample_stories("train", 50), sample_stories("val", 20), "bpe:300")
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--profile", "tiny", "--data", str(data), "--init-from", str(random_run)])
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --init-from {random_run} uses ") and f"the prepared data {data} uses bpe:300" in err
+
+
+def test_sigint_saves_a_checkpoint_and_exits_130(prepared: Path, tmp_path: Path) -> None:
+    from tinystory.callbacks import latest_checkpoint
+
+    run = tmp_path / "sig"
+    proc = cli("train", "--profile", "tiny", "--data", str(prepared), "--out", str(run), "--max-steps", "100000",
+               "--set", "train.log_every=1")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (run / "metrics.jsonl").is_file():
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert out == ""
+    assert f"resume with: tinystory train --resume --out {run}" in err.replace("\n", "")
+    ckpt = latest_checkpoint(run)
+    assert ckpt is not None and (ckpt / "trainer_state.json").is_file() and (ckpt / "optimizer.pt").is_file()
+    assert json.loads((run / "run.json").read_text())["stopped_because"] == "interrupted"
+
+
+def test_two_process_gloo_ddp(prepared: Path, tmp_path: Path) -> None:
+    run = tmp_path / "ddp"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "tinystory", "train",
+         "--profile", "tiny", "--data", str(prepared), "--out", str(run), "--max-steps", "6",
+         "--set", "train.eval_every=3"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == str(run)  # printed once, by rank 0
+    info = json.loads((run / "run.json").read_text())
+    assert (info["world_size"], info["steps"], info["tokens_seen"]) == (2, 6, 6 * 2 * 8 * 64)
+    assert [p.name for p in run.glob("model*.safetensors")] == ["model.safetensors"]
+
+
+def test_dry_run_prints_the_memory_plan(capsys: pytest.CaptureFixture) -> None:
+    from tinystory.cli.app import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--profile", "rtx2070", "--dry-run"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "3,072 tokens per step" in out and "8.00 GiB" in out and "fits" in out and "does not fit" not in out
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--profile", "rtx2070", "--dry-run", "--set", "train.batch_size=4096"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "does not fit" in out and "suggestion:" in out
+
+
+def test_auto_prepare_without_data(capsys: pytest.CaptureFixture) -> None:
+    """tiny allows auto_prepare: no --data prepares the bundled sample first and says so."""
+    from tinystory.settings import load_settings
+    from tinystory.training import train
+
+    run = train(load_settings(profile="tiny", env={}).replace(train__max_steps=2, train__eval_every=0))
+    assert "no --data given: preparing 'sample' with tokenizer bpe:512 first" in capsys.readouterr().err
+    data = Path(json.loads((run / "run.json").read_text())["data"]["path"])
+    assert data.is_relative_to(Path(os.environ["TINYSTORY_CACHE_DIR"])) and (data / "train.bin").is_file()
+    assert run.parent == Path(os.environ["TINYSTORY_RUNS_DIR"])
+
+
+def test_a_loss_that_stays_nan_stops_with_one_line(prepared: Path, tmp_path: Path, monkeypatch) -> None:
+    """lr 1e6 blows the weights up within a few steps; checkpoints stop at the last good one."""
+    from tinystory.errors import TrainingError
+    from tinystory.training import train
+
+    monkeypatch.setattr("tinystory.callbacks.NONFINITE_PATIENCE", 3)
+    with pytest.raises(TrainingError) as e:
+        train(tiny(prepared, tmp_path / "nan", lr=1e6, warmup_steps=0, grad_clip=0.0, max_steps=40,
+                   save_every=2, eval_every=0, log_every=1))
+    msg = str(e.value)
+    bad = [r["step"] for r in rows(tmp_path / "nan") if "loss" in r and not math.isfinite(r["loss"])]
+    assert bad and msg.startswith(f"training diverged: the loss has been NaN since step {bad[0]} ")
+    ckpt = sorted(int(p.name[11:]) for p in (tmp_path / "nan" / "checkpoints").glob("checkpoint-*"))
+    assert ckpt and ckpt[-1] < bad[0] and msg.endswith(f"checkpoint-{ckpt[-1]})")
+    assert "(lower train.lr (now 1e+06) or raise train.warmup_steps; last good checkpoint: " in msg
+    assert "\n" not in msg
+    info = json.loads(((tmp_path / "nan") / "run.json").read_text())
+    assert info["stopped_because"] == "diverged"
+
+
+def test_minutes_fits_the_run_to_the_wall_time(prepared: Path, tmp_path: Path) -> None:
+    from tinystory.training import train
+
+    run = train(tiny(prepared, tmp_path / "min", max_steps=0, minutes=0.1, eval_every=0, log_every=1))
+    info = json.loads((run / "run.json").read_text())
+    assert info["stopped_because"] in ("time", "minutes_schedule_end")
+    last = [r for r in rows(run) if "loss" in r][-1]  # logged at the end of the last step
+    assert last["step"] == info["steps"] >= 3 and info["schedule_steps"] >= info["steps"]
+    assert 6.0 * 0.6 < last["wall_time_s"] < 6.0 + 4.0  # stops at the first step end past 6 s
