@@ -224,6 +224,9 @@ def test_load_backend_dispatches_quantized_models(tmp_path: Path, monkeypatch):
     fake = types.ModuleType("tinystory.quantization")
     fake.load_backend = lambda path, **kw: calls.append((path.name, kw)) or "backend"
     monkeypatch.setitem(sys.modules, "tinystory.quantization", fake)
+    import tinystory
+
+    monkeypatch.setattr(tinystory, "quantization", fake, raising=False)  # an earlier import set the attribute
     (tmp_path / "model.gguf").write_bytes(b"GGUF")
     (tmp_path / "int8").mkdir()
     (tmp_path / "int8" / "quantization.json").write_text("{}")
