@@ -211,3 +211,16 @@ def test_load_gguf_hint_when_llama_cpp_missing(monkeypatch, tmp_path):
         Q.load_gguf(tmp_path / "m.gguf")
     assert str(e.value) == ("running a .gguf needs llama-cpp-python, which is not installed "
                             "(pip install 'tinystory-llm[gguf]' (builds llama-cpp-python, a few minutes))")
+
+
+@needs_llama
+def test_generate_runs_a_gguf_like_the_hf_model(trained_run, tmp_path):
+    from tinystory.generation import Generator, SamplingParams
+
+    model, tok = load(trained_run)
+    path = write_gguf(model, tok, tmp_path / "t-f32.gguf", "f32")
+    greedy = SamplingParams(max_new_tokens=24, greedy=True, min_new_tokens=24)
+    hf = Generator.load(trained_run, threads=1)
+    cpp = Generator.load(path, threads=1)
+    assert cpp.context_length == model.config.max_position_embeddings
+    assert cpp.generate("Once upon a time", greedy) == hf.generate("Once upon a time", greedy)

@@ -650,3 +650,64 @@ def _device_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+# ------------------------------------------------------------- generation backends
+
+
+def load_backend(path: str | Path, device: str = "auto", dtype: str = "auto", threads: int = 0) -> Any:
+    """A `tinystory.generation.Backend` for a quantized folder or a .gguf file.
+
+    Folders (int8, bnb) run on the transformers backend; a .gguf runs in llama.cpp
+    through llama-cpp-python (`pip install 'tinystory-llm[gguf]'`).
+    """
+    from tinystory.generation import _quantized_hf
+
+    path = Path(path)
+    if path.suffix != ".gguf":
+        return _quantized_hf(path, load_quantized, threads)
+    return GGUFBackend(path, threads)
+
+
+def _gguf_backend_class() -> type:
+    from tinystory.generation import Backend
+
+    class _GGUFBackend(Backend):
+        """llama.cpp decoding of a GGUF written by `gguf_export` (tokenizer inside the file)."""
+
+        def __init__(self, path: Path, threads: int) -> None:
+            self.llm = load_gguf(path, n_ctx=0, threads=threads)
+            self.path, self.name = path, path.name
+            self.size_bytes = path.stat().st_size
+            self.context_length = self.llm.n_ctx()
+            manifest = path.with_suffix(".json")  # written by `quantize`; absent for a bare .gguf
+            meta = json.loads(manifest.read_text(encoding="utf-8")) if manifest.is_file() else {}
+            self.num_parameters = int(meta.get("parameters", 0) or 0)
+            self.dtype, self.threads = path.stem.rsplit("-", 1)[-1], threads
+            self.bos_token_id, self.eos_token_id = self.llm.token_bos(), self.llm.token_eos()
+            self.defaults = {}
+
+        def encode(self, text: str) -> list[int]:
+            return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False) if text else []
+
+        def decode(self, ids: list[int]) -> str:
+            specials = {self.bos_token_id, self.eos_token_id}
+            return self.llm.detokenize([i for i in ids if i not in specials]).decode("utf-8", errors="replace")
+
+        def token_ids(self, prompt_ids: list[int], params: Any, seed: int, stop: Any) -> Iterator[int]:
+            self.llm.set_seed(seed)
+            sampling = dict(temp=0.0, top_k=1) if params.greedy else dict(
+                temp=params.temperature, top_k=params.top_k or 0, top_p=params.top_p)
+            n = 0
+            for tok in self.llm.generate(prompt_ids, reset=True, repeat_penalty=params.repetition_penalty, **sampling):
+                yield tok
+                n += 1
+                if tok == self.eos_token_id or n >= params.max_new_tokens or (stop is not None and stop.is_set()):
+                    return
+
+    return _GGUFBackend
+
+
+def GGUFBackend(path: Path, threads: int = 0) -> Any:  # noqa: N802 - a class built lazily
+    """The llama.cpp backend (its class imports tinystory.generation only when used)."""
+    return _gguf_backend_class()(path, threads)
