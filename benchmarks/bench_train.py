@@ -337,7 +337,7 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("TINYSTORY_PLAIN", "1")
     if args.quality:
-        save("quality", part_c(args.minutes))
+        save("quality" if args.minutes == 15 else f"quality-{args.minutes:g}min", part_c(args.minutes))
         return
     if "a" in args.parts:
         save("throughput" + ("-short" if args.short else ""), part_a(args.short))
