@@ -40,19 +40,11 @@ import time
 from pathlib import Path
 
 PROMPT = "Once upon a time, there was a little girl named Lily. She"
-VOCAB = {"tiny": "bpe:512", "cpu-3m": "bpe:4096", "stories15m": "bpe:4096", "tinystories-40m": "mistral"}
+# One CPU-name probe and one preset -> tokenizer table for the generation benchmarks.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_generate import VOCAB, cpu_name  # noqa: E402
+
 CLIENTS = 4
-
-
-def cpu_name() -> str:
-    """The `Model name` line of lscpu (what the figures were measured on)."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        import platform
-
-        return platform.processor() or "unknown CPU"
 
 
 def make_run(preset: str, folder: Path) -> Path:
