@@ -71,11 +71,11 @@ def bench_preset(preset: str, threads: list[int], repeats: int) -> list[dict]:
     rows = []
     for n in threads:
         torch.set_num_threads(n)
-        score_stream(model, tokens[: block * BATCH], block, BATCH, lengths, tok.all_special_ids)  # warm-up
+        score_stream(model, tokens[: block * BATCH], block, BATCH, lengths)  # warm-up
         loss_s, gen_s, gen_tokens = [], [], []
         for _ in range(repeats):
             t = time.perf_counter()
-            s = score_stream(model, tokens, block, BATCH, lengths, tok.all_special_ids)
+            s = score_stream(model, tokens, block, BATCH, lengths)
             loss_s.append(time.perf_counter() - t)
             t = time.perf_counter()
             out = generate(model, tok, [[tok.bos_token_id]] * STORIES, ev)

@@ -262,12 +262,12 @@ def ts_score(name: str, size: int, model: Any, run: Path) -> dict[str, Any]:
 
     from tinystory import quantization as q
     from tinystory import tokenizer as tokmod
-    from tinystory.tokenizer import token_byte_lengths
 
     tok = tokmod.load(run)
     scorer = q.torch_scorer(model, tok.eos_token_id)
-    row, _ = q.measure(name, size, scorer, q.val_blocks(run, tok), token_byte_lengths(tok), tok(PROMPT)["input_ids"],
-                       None, 32, q.GEN_TOKENS)
+    settings = ts_settings("a100")
+    val = q.val_data(run, model, tok, settings, settings.quantize.val_tokens)
+    row, _ = q.measure(name, size, scorer, val, tok(PROMPT)["input_ids"], None, 32, q.GEN_TOKENS)
     return asdict(row)
 
 

@@ -122,9 +122,10 @@ def bench(run: Path, threads: int, repeats: int, gen_tokens: int, val_tokens: in
     from tinystory import tokenizer as T
 
     torch.set_num_threads(threads)
+    from tinystory.settings import load_settings
+
     tok = T.load(run)
-    blocks = Q.val_blocks(run, tok, val_tokens)
-    lengths = T.token_byte_lengths(tok)
+    val = Q.val_data(run, None, tok, load_settings(profile="cpu", env={}), val_tokens)
     prompt = tok(PROMPT)["input_ids"]
     with tempfile.TemporaryDirectory() as tmp:
         vs = variants(run, Path(tmp), threads)
@@ -132,7 +133,7 @@ def bench(run: Path, threads: int, repeats: int, gen_tokens: int, val_tokens: in
         rows = {}
         for name, (size, sc) in vs.items():
             sc.greedy(prompt, 4, False)  # warm-up
-            rows[name] = {"model": name, "size_bytes": size, "bpb": Q.bits_per_byte(sc, blocks, lengths),
+            rows[name] = {"model": name, "size_bytes": size, "bpb": Q.bits_per_byte(sc, val),
                           "greedy32": Q.leading_match(ref, sc.greedy(prompt, 32, True)), "wall": [], "cpu": []}
         for _ in range(repeats):  # interleaved: contention hits every variant alike
             for name, (_, sc) in vs.items():

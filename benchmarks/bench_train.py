@@ -230,11 +230,11 @@ def val_bpb(model, data_path: Path, block: int, tokens: int = 65536) -> float:  
     from tinystory.data import open_prepared
     from tinystory.metrics import bits_per_byte
     from tinystory.tokenizer import token_byte_lengths
-    from tinystory.trainer import score_blocks
+    from tinystory.evaluation import score_stream
 
     data = open_prepared(data_path)
     model = model.float()
-    sums = score_blocks(model, data.tokens("val")[:tokens], block, 16, token_byte_lengths(data.tokenizer), "cpu")
+    sums = score_stream(model, data.tokens("val")[:tokens], block, 16, token_byte_lengths(data.tokenizer), "cpu")
     return bits_per_byte(sums["text_nats"], sums["bytes"])
 
 
@@ -289,7 +289,7 @@ def part_c(minutes: float) -> dict:
     from tinystory.prepare import prepare
     from tinystory.settings import load_settings
     from tinystory.tokenizer import token_byte_lengths
-    from tinystory.trainer import score_blocks
+    from tinystory.evaluation import score_stream
 
     settings = load_settings(profile="cpu", overrides={"data.dataset": (RACE_FILES, "bench")})
     data = prepare(settings)
@@ -307,7 +307,7 @@ def part_c(minutes: float) -> dict:
     tok = AutoTokenizer.from_pretrained(str(run))
     ids = np.asarray(stream_of(SHARED / "valid.txt", tok), dtype=np.int64)
     block = settings.train.block_size
-    sums = score_blocks(model, ids, block, 16, token_byte_lengths(tok), "cpu")
+    sums = score_stream(model, ids, block, 16, token_byte_lengths(tok), "cpu")
     bpb = bits_per_byte(sums["text_nats"], sums["bytes"])
     prompt = tok("Once upon a time", return_tensors="pt").input_ids
     with torch.no_grad():

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import sample_stories
+from conftest import sample_stories, write_prepared
 from typer.testing import CliRunner
 
 from tinystory.cli.app import app
@@ -26,27 +26,6 @@ from tinystory.settings import load_settings
 runner = CliRunner()
 TEXT_KEYS = {*(f"distinct-{n}" for n in range(1, 5)), *(f"distinct-{n}-li" for n in range(1, 5)),
              "self-bleu", "rep-2", "rep-3", "rep-4", "diversity", "length", "eos-share"}
-
-
-def _write_prepared(folder: Path, tok, n_val: int = 40) -> Path:
-    """A prepared folder in the agreed format: BOS + ids + EOS per story, uint16."""
-    from tinystory.tokenizer import fingerprint
-
-    folder.mkdir(parents=True, exist_ok=True)
-    splits = {}
-    for split, stories in (("train", sample_stories("train", 20)), ("val", sample_stories("val", n_val))):
-        stream = []
-        for s in stories:
-            stream += [tok.bos_token_id, *tok(s, add_special_tokens=False).input_ids, tok.eos_token_id]
-        np.asarray(stream, dtype=np.uint16).tofile(folder / f"{split}.bin")
-        splits[split] = {"stories": len(stories), "tokens": len(stream),
-                         "bytes": sum(len(s.encode("utf-8")) for s in stories)}
-    meta = {"dtype": "uint16", "splits": splits,
-            "tokenizer": {"name": "bpe:512", "sha256": fingerprint(tok), "vocab_size": len(tok),
-                          "bos_id": tok.bos_token_id, "eos_id": tok.eos_token_id}}
-    (folder / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
-    tok.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -62,7 +41,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory, bpe_tokenizer) -> Path:
-    return _write_prepared(tmp_path_factory.mktemp("prepared") / "data", bpe_tokenizer)
+    return write_prepared(tmp_path_factory.mktemp("prepared") / "data", bpe_tokenizer)
 
 
 @pytest.fixture
@@ -112,7 +91,7 @@ def test_loss_equals_direct_computation(model, prepared):
 
     net, tok = model
     tokens = open_prepared(prepared).tokens("val")[: 64 * 7 + 10]  # 7 blocks and a ragged tail
-    s = score_stream(net, tokens, 64, 3, token_byte_lengths(tok), tok.all_special_ids)
+    s = score_stream(net, tokens, 64, 3, token_byte_lengths(tok))
     blocks = torch.from_numpy(np.asarray(tokens[: 64 * 7], dtype=np.int64)).view(7, 64)
     with torch.no_grad():
         direct = sum(net(input_ids=b[None], labels=b[None]).loss.item() for b in blocks) / 7
@@ -128,7 +107,7 @@ def test_bpb_is_loss_over_ln2_over_bytes_per_token(model):
     net, tok = model
     text = "Once upon a time, there was a little girl named Lily. She loved to play in the park with her dog."
     ids = tok(text).input_ids  # BOS + text: BOS is never a target, so every target is text
-    s = score_stream(net, np.array(ids), len(ids), 1, token_byte_lengths(tok), tok.all_special_ids)
+    s = score_stream(net, np.array(ids), len(ids), 1, token_byte_lengths(tok))
     loss = M.mean_loss(s["nats"], s["tokens"])
     assert s["bytes"] == len(text.encode("utf-8")) and s["text_tokens"] == s["tokens"] == len(ids) - 1
     assert M.bits_per_byte(s["text_nats"], s["bytes"]) == pytest.approx(loss / math.log(2) / (s["bytes"] / s["tokens"]))
@@ -201,7 +180,7 @@ def test_eval_json_accumulates_for_the_same_weights_and_settings(run, tiny):
 
 
 def test_refuses_data_of_another_tokenizer(run, tiny, tmp_path, bpe_tokenizer):
-    other = _write_prepared(tmp_path / "other", bpe_tokenizer, n_val=5)
+    other = write_prepared(tmp_path / "other", bpe_tokenizer, n_val=5)
     meta = json.loads((other / "meta.json").read_text())
     meta["tokenizer"]["sha256"] = "f" * 64
     (other / "meta.json").write_text(json.dumps(meta))

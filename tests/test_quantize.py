@@ -4,12 +4,13 @@ comparison table and manifest, and one-line errors for unknown or unsupported me
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 
 import tiny_trained
-from conftest import sample_stories
+from conftest import sample_stories, write_prepared
 from tinystory import quantization as Q
 from tinystory.cli.app import main
 from tinystory.errors import QuantizationError
@@ -125,38 +126,43 @@ def test_int8_stays_close_on_trained_model(trained_run):
     from transformers import AutoModelForCausalLM
 
     from tinystory import tokenizer as T
+    from tinystory.settings import load_settings
 
     model = AutoModelForCausalLM.from_pretrained(trained_run).eval()
     tok = T.load(trained_run)
     int8 = Q.build_int8(model.config, Q.int8_state(model))
-    blocks = Q.val_blocks(trained_run, tok, 4096)
-    lengths = T.token_byte_lengths(tok)
+    val = Q.val_data(trained_run, model, tok, load_settings(profile="tiny", env={}), 4096)
+    assert (val.source, val.block_size, len(val.tokens)) == ("bundled sample valid.txt.gz", 64, 4096)
     ref, q = Q.torch_scorer(model, tok.eos_token_id), Q.torch_scorer(int8, tok.eos_token_id)
     prompt = tok("Once upon a time")["input_ids"]
-    bpb_ref, bpb_q = Q.bits_per_byte(ref, blocks, lengths), Q.bits_per_byte(q, blocks, lengths)
+    bpb_ref, bpb_q = Q.bits_per_byte(ref, val), Q.bits_per_byte(q, val)
     assert bpb_ref == pytest.approx(BPB_FP32, abs=0.01)  # pinned: the fixture's model
     assert bpb_q / bpb_ref - 1 == pytest.approx(BPB_INT8_DELTA, abs=0.0005)
     assert Q.leading_match(ref.greedy(prompt, 32, True), q.greedy(prompt, 32, True)) == 32
 
 
-BPB_FP32 = 2.0728
-BPB_INT8_DELTA = 0.00104  # +0.10%
+BPB_FP32 = 2.0181
+BPB_INT8_DELTA = 0.00084  # +0.08%
 
 
 # ------------------------------------------------------------------------ command
 
 
-def test_quantize_int8_command(capsys, trained_run, tmp_path):
+def test_quantize_int8_command(capsys, trained_run, tmp_path, bpe_tokenizer):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    data = write_prepared(tmp_path / "data", bpe_tokenizer)
+    (run / "run.json").write_text(json.dumps({"data": {"path": str(data)}}))
     out_dir = tmp_path / "q"
-    code, out, err = cli(capsys, "quantize", str(trained_run), "--method", "int8", "--out", str(out_dir),
-                         "--profile", "tiny", "--set", "generate.threads=1")
+    code, out, err = cli(capsys, "quantize", str(run), "--method", "int8", "--out", str(out_dir),
+                         "--profile", "tiny", "--set", "generate.threads=1", "--set", "quantize.val_tokens=2048")
     assert code == 0, err
     assert out == f"{out_dir}\n"  # only the path on stdout
     assert sorted(p.name for p in out_dir.iterdir()) == [
-        "config.json", "generation_config.json", "model-int8.safetensors", "quantization.json",
-        "tokenizer.json", "tokenizer_config.json"]
+        "config.json", "generation_config.json", "model-int8.safetensors", "quantization.json", "run.json",
+        "settings.toml", "tokenizer.json", "tokenizer_config.json"]
     manifest = json.loads((out_dir / "quantization.json").read_text())
-    assert manifest["method"] == "int8" and manifest["source_run"] == str(trained_run)
+    assert manifest["method"] == "int8" and manifest["source_run"] == str(run)
     assert manifest["library"].startswith("torch.ao.quantization.quantize_dynamic")
     assert set(manifest["versions"]) == {"tinystory-llm", "torch", "transformers"}
     assert manifest["settings"]["prompt"] == "Once upon a time" and manifest["settings"]["compare_tokens"] == 32
@@ -165,8 +171,16 @@ def test_quantize_int8_command(capsys, trained_run, tmp_path):
     assert row["size_bytes"] < 0.3 * ref["size_bytes"]
     assert row["greedy_match"] == row["greedy_len"] == ref["greedy_len"]
     assert abs(row["bpb"] / ref["bpb"] - 1) < 0.01
-    assert manifest["comparison"]["threads"] == 1
+    c = manifest["comparison"]
+    assert (c["threads"], c["val_data"], c["val_tokens"], c["block_size"]) == (1, f"{data}/val.bin", 2048, 64)
     assert "| int8 (torch.ao dynamic) |" in err and "| unquantized fp32 |" in err  # the table, on stderr
+
+    # the bpb column is eval's bpb on the same tokens: for the run and for the int8 folder
+    for path, expected in ((run, ref["bpb"]), (out_dir, row["bpb"])):
+        code, out, err = cli(capsys, "eval", str(path), "--metrics", "bpb", "--max-tokens", "2048", "--json",
+                             "--profile", "tiny")
+        assert code == 0, err
+        assert json.loads(out)["metrics"]["bpb"] == pytest.approx(expected, rel=1e-6)
 
     model, tok = Q.load_quantized(out_dir)  # what `generate` / `eval` call for a quantized folder
     assert type(model).__name__ == "MistralForCausalLM"

@@ -120,13 +120,13 @@ def test_run_dir_reloads_with_plain_transformers(trained: Path, prepared: Path) 
 
     from tinystory.data import open_prepared
     from tinystory.tokenizer import token_byte_lengths
-    from tinystory.trainer import score_blocks
+    from tinystory.evaluation import score_stream
 
     model = AutoModelForCausalLM.from_pretrained(str(trained))
     tok = AutoTokenizer.from_pretrained(str(trained))
     info = json.loads((trained / "run.json").read_text())
     val = open_prepared(prepared).tokens("val")[:8192]
-    sums = score_blocks(model, val, 64, 8, token_byte_lengths(tok), "cpu")
+    sums = score_stream(model, val, 64, 8, token_byte_lengths(tok), "cpu")
     assert sums["nats"] / sums["tokens"] == pytest.approx(info["best_eval_loss"], abs=1e-5)
     ids = tok("Once upon a time", return_tensors="pt").input_ids
     assert ids[0, 0].item() == 1  # BOS, as in training

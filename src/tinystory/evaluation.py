@@ -192,10 +192,11 @@ def val_stories(tokens: np.ndarray, bos: int, eos: int, limit: int) -> list[np.n
 
 @contextmanager
 def _progress(total: int, what: str) -> Iterator[Callable[[int], None]]:
-    """A transient rich progress bar on stderr (nothing when stderr is not a terminal)."""
+    """A transient rich progress bar on stderr (nothing when stderr is not a terminal or
+    `what` is empty, e.g. inside training's own live display)."""
     from tinystory.console import console, interactive
 
-    if not interactive():
+    if not what or not interactive():
         yield lambda n: None
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -206,15 +207,23 @@ def _progress(total: int, what: str) -> Iterator[Callable[[int], None]]:
         yield lambda n: bar.advance(task, n)
 
 
-def score_stream(
-    model: Any, tokens: np.ndarray, block_size: int, batch_size: int,
-    byte_lengths: np.ndarray, special_ids: Sequence[int], device: str = "cpu",
+def model_logits(model: Any) -> Callable[[Any], Any]:
+    """A causal LM as a `forward` for `score_blocks`: ids (B, T) -> logits (B, T, V)."""
+    return lambda x: model(input_ids=x, use_cache=False).logits
+
+
+def score_blocks(
+    forward: Callable[[Any], Any], tokens: np.ndarray, block_size: int, batch_size: int,
+    byte_lengths: np.ndarray, device: Any = "cpu", what: str | None = None,
 ) -> dict[str, float]:
-    """Sum of nats over a token stream cut into non-overlapping `block_size` blocks (the
+    """Sums of nats over a token stream cut into non-overlapping `block_size` blocks (the
     ragged tail dropped), as training sees it: in each block, tokens 2..T are targets.
 
-    Returns nats/tokens over all targets, and text_nats/text_tokens/bytes over the
-    non-special targets (the bits-per-byte sums), plus the number of blocks.
+    `forward` maps ids (B, T) to logits (B, T, V) (`model_logits`, or llama.cpp's scores
+    in `quantization`), so training's evaluation, `eval` and `quantize` score alike.
+    Returns nats/tokens over all targets, and text_nats/text_tokens/bytes over the text
+    targets (those with UTF-8 bytes: specials are left out of both sums of bits per
+    byte), plus the number of blocks. `what` names a transient progress bar.
     """
     import numpy as np
     import torch
@@ -224,27 +233,39 @@ def score_stream(
     if n_blocks == 0:
         raise DataError(f"only {len(tokens)} validation tokens, fewer than one block of {block_size}",
                         "use more validation data or raise --max-tokens")
-    is_special = torch.zeros(len(byte_lengths), dtype=torch.bool)
-    is_special[list(special_ids)] = True
     nbytes = torch.from_numpy(np.asarray(byte_lengths, dtype=np.int64))
     sums = dict(nats=0.0, tokens=0, text_nats=0.0, text_tokens=0, bytes=0, blocks=n_blocks)
-    with torch.no_grad(), _progress(n_blocks, "scoring") as advance:
+    with torch.no_grad(), _progress(n_blocks, what or "") as advance:
         for first in range(0, n_blocks, batch_size):
             B = min(batch_size, n_blocks - first)
             chunk = np.asarray(tokens[first * block_size : (first + B) * block_size], dtype=np.int64)
             x = torch.from_numpy(chunk).view(B, block_size).to(device)  # (B, T)
-            logits = model(input_ids=x, use_cache=False).logits.float()  # (B, T, V)
-            targets = x[:, 1:].reshape(-1).cpu()  # (B*(T-1),)
-            nats = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1),
+            logits = forward(x).float()  # (B, T, V)
+            targets = x[:, 1:].reshape(-1)  # (B*(T-1),)
+            nats = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), targets.to(logits.device),
                                    reduction="none").double().cpu()  # (B*(T-1),)
-            text = ~is_special[targets]
+            b = nbytes[targets.cpu()]  # (B*(T-1),) 0 for specials
+            text = b > 0
             sums["nats"] += nats.sum().item()
             sums["tokens"] += targets.numel()
             sums["text_nats"] += nats[text].sum().item()
             sums["text_tokens"] += int(text.sum())
-            sums["bytes"] += int(nbytes[targets].sum())
+            sums["bytes"] += int(b.sum())
             advance(B)
     return sums
+
+
+def score_stream(
+    model: Any, tokens: np.ndarray, block_size: int, batch_size: int,
+    byte_lengths: np.ndarray, device: Any = "cpu", what: str | None = "scoring",
+) -> dict[str, float]:
+    """`score_blocks` over a causal LM, in eval mode (its train/eval mode restored after)."""
+    was_training = getattr(model, "training", False)
+    model.eval()
+    try:
+        return score_blocks(model_logits(model), tokens, block_size, batch_size, byte_lengths, device, what)
+    finally:
+        model.train(was_training)
 
 
 def generate(
@@ -385,8 +406,7 @@ def loss_metrics(model: Any, tokenizer: PreTrainedTokenizerBase, prepared: Prepa
 
     tokens = prepared.tokens("val")
     tokens = tokens[: ev.max_tokens] if ev.max_tokens else tokens
-    s = score_stream(model, tokens, block_size, ev.batch_size, token_byte_lengths(tokenizer),
-                     tokenizer.all_special_ids, device)
+    s = score_stream(model, tokens, block_size, ev.batch_size, token_byte_lengths(tokenizer), device)
     loss = M.mean_loss(s["nats"], s["tokens"])
     values = {"loss": loss, "ppl": M.perplexity(loss), "bpb": M.bits_per_byte(s["text_nats"], s["bytes"])}
     return values, {k: s[k] for k in ("tokens", "text_tokens", "bytes", "blocks")}

@@ -21,6 +21,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,7 +40,6 @@ METHODS = ("int8", "bnb-int8", "bnb-nf4", "gguf-f32", "gguf-f16", "gguf-q8_0")
 MANIFEST = "quantization.json"
 INT8_WEIGHTS = "model-int8.safetensors"
 GGUF_HINT = "pip install 'tinystory-llm[gguf]' (builds llama-cpp-python, a few minutes)"
-VAL_TOKENS = 8192  # validation tokens scored per variant: enough to see a 1% bpb change
 GEN_TOKENS = 128  # tokens decoded for the tokens/s column
 
 
@@ -319,9 +319,9 @@ class Row:
 
 @dataclass
 class Scorer:
-    """What the table needs from one variant: next-token logits and greedy decoding."""
+    """What the table needs from one variant: logits of id blocks and greedy decoding."""
 
-    logits: Callable[[list[int]], np.ndarray]  # ids (T,) -> (T, V) float logits
+    forward: Callable[[torch.Tensor], torch.Tensor]  # ids (B, T) -> logits (B, T, V), as eval scores
     greedy: Callable[[list[int], int, bool], list[int]]  # (ids, n, stop_at_eos) -> new ids
 
 
@@ -330,12 +330,14 @@ def torch_scorer(model: PreTrainedModel, eos_id: int | None) -> Scorer:
     import torch
     from transformers import GenerationConfig
 
+    from tinystory.evaluation import model_logits
+
     device = next((b.device for b in model.buffers()), torch.device("cpu"))
+    logits = model_logits(model)
 
     @torch.inference_mode()
-    def logits(ids: list[int]) -> np.ndarray:
-        x = torch.tensor([ids], device=device)  # (1, T)
-        return model(input_ids=x).logits[0].float().cpu().numpy()  # (T, V)
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return logits(x.to(device))
 
     @torch.inference_mode()
     def greedy(ids: list[int], n: int, stop: bool) -> list[int]:
@@ -344,17 +346,21 @@ def torch_scorer(model: PreTrainedModel, eos_id: int | None) -> Scorer:
         out = model.generate(torch.tensor([ids], device=device), generation_config=gc)
         return out[0, len(ids):].tolist()
 
-    return Scorer(logits, greedy)
+    return Scorer(forward, greedy)
 
 
 def llama_scorer(llm: Any, eos_id: int | None) -> Scorer:
-    """A Scorer over a `llama_cpp.Llama` made with logits_all=True."""
+    """A Scorer over a `llama_cpp.Llama` made with logits_all=True (n_ctx >= the block size)."""
     import numpy as np
+    import torch
 
-    def logits(ids: list[int]) -> np.ndarray:
-        llm.reset()
-        llm.eval(ids)
-        return np.array(llm.scores[: len(ids)], dtype=np.float32)  # (T, V)
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        rows = []
+        for ids in x.tolist():
+            llm.reset()
+            llm.eval(ids)
+            rows.append(np.array(llm.scores[: len(ids)], dtype=np.float32))  # (T, V)
+        return torch.from_numpy(np.stack(rows))  # (B, T, V)
 
     def greedy(ids: list[int], n: int, stop: bool) -> list[int]:
         new: list[int] = []
@@ -364,68 +370,59 @@ def llama_scorer(llm: Any, eos_id: int | None) -> Scorer:
                 break
         return new
 
-    return Scorer(logits, greedy)
+    return Scorer(forward, greedy)
 
 
-def val_blocks(run: Path, tok: PreTrainedTokenizerBase, max_tokens: int = VAL_TOKENS,
-               block: int = 256) -> list[list[int]]:
-    """Fixed validation blocks: the run's prepared val.bin when its tokenizer matches, else the
-    bundled sample's validation stories (BOS + text + EOS each) tokenized with `tok`."""
+@dataclass
+class ValData:
+    """The validation tokens every variant is scored on, the way `tinystory eval` scores."""
+
+    tokens: np.ndarray  # the first `val_tokens` of the stream
+    block_size: int  # training's block size (eval's)
+    byte_lengths: np.ndarray
+    source: str  # where the tokens come from (recorded in quantization.json)
+
+
+def val_data(run: Path, model: Any, tok: PreTrainedTokenizerBase, settings: Settings, max_tokens: int) -> ValData:
+    """The run's prepared val.bin (the data `tinystory eval` scores) capped at `max_tokens`,
+    in training's block size; when that data is gone or uses another tokenizer, the bundled
+    sample's validation stories, tokenized as `prepare` stores them (BOS + text + EOS)."""
     import gzip
     from importlib import resources
 
-    stream: list[int] = []
-    prepared = _prepared_val(run, tok)
-    if prepared is not None:
-        stream = prepared.tokens("val")[:max_tokens].tolist()
-    else:
-        raw = resources.files("tinystory.sample").joinpath("valid.txt.gz").read_bytes()
-        for story in gzip.decompress(raw).decode("utf-8").split("<|endoftext|>"):
-            if story.strip() and len(stream) < max_tokens:
-                stream += tok(story.strip())["input_ids"] + [tok.eos_token_id]
-    stream = stream[:max_tokens]
-    return [stream[i : i + block] for i in range(0, len(stream) - 1, block) if len(stream[i : i + block]) > 1]
-
-
-def val_source(run: Path, tok: PreTrainedTokenizerBase) -> str:
-    """Where `val_blocks` takes its tokens from (recorded in quantization.json)."""
-    prepared = _prepared_val(run, tok)
-    return f"{prepared.path}/val.bin" if prepared is not None else "bundled sample valid.txt.gz"
-
-
-def _prepared_val(run: Path, tok: PreTrainedTokenizerBase) -> Any:
-    """The prepared data the run was trained on (run.json's data.path, else settings' train.data),
-    if it exists and uses `tok`."""
-    from tinystory.data import open_prepared
-    from tinystory.errors import TinystoryError
-    from tinystory.runs import run_settings
-    from tinystory.tokenizer import fingerprint
-
-    folder = ""
-    if (run / "run.json").is_file():
-        folder = json.loads((run / "run.json").read_text(encoding="utf-8")).get("data", {}).get("path", "")
-    if not folder:
-        settings = run_settings(run)
-        folder = settings.train.data if settings else ""
-    try:
-        prepared = open_prepared(folder) if folder else None
-    except TinystoryError:
-        return None
-    return prepared if prepared is not None and prepared.tokenizer_sha256 == fingerprint(tok) else None
-
-
-def bits_per_byte(scorer: Scorer, blocks: list[list[int]], byte_lengths: np.ndarray) -> float:
-    """sum of nats over target tokens / (ln 2 x UTF-8 bytes of those tokens)."""
     import numpy as np
 
-    nats, nbytes = 0.0, 0
-    for ids in blocks:
-        logits = scorer.logits(ids)[:-1].astype(np.float64)  # (T-1, V) predicts ids[1:]
-        targets = np.asarray(ids[1:])
-        logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
-        nats += float((logz - logits[np.arange(len(targets)), targets]).sum())
-        nbytes += int(byte_lengths[targets].sum())
-    return nats / (math.log(2) * max(nbytes, 1))
+    from tinystory.errors import TinystoryError
+    from tinystory.evaluation import block_size_of, open_data, run_data_path
+    from tinystory.tokenizer import token_byte_lengths
+
+    lengths = token_byte_lengths(tok)
+    block = block_size_of(run, settings, model)
+    path = run_data_path(run)
+    try:
+        prepared = open_data(run, tok, path) if path else None
+    except TinystoryError:
+        prepared = None
+    if prepared is not None:
+        tokens = np.asarray(prepared.tokens("val")[:max_tokens], dtype=np.int64)
+        return ValData(tokens, block, lengths, f"{prepared.path}/val.bin")
+    raw = resources.files("tinystory.sample").joinpath("valid.txt.gz").read_bytes()
+    stream: list[int] = []
+    for story in gzip.decompress(raw).decode("utf-8").split("<|endoftext|>"):
+        if story.strip() and len(stream) < max_tokens:
+            stream += tok(story.strip())["input_ids"] + [tok.eos_token_id]
+    return ValData(np.asarray(stream[:max_tokens], dtype=np.int64), block, lengths, "bundled sample valid.txt.gz")
+
+
+def bits_per_byte(scorer: Scorer, val: ValData, batch_size: int = 8) -> float:
+    """Validation bits per byte of one variant: `evaluation.score_blocks` over `val`, then
+    `metrics.bits_per_byte` (specials left out), exactly what `tinystory eval` reports
+    for the same tokens."""
+    from tinystory import metrics as M
+    from tinystory.evaluation import score_blocks
+
+    s = score_blocks(scorer.forward, val.tokens, val.block_size, batch_size, val.byte_lengths)
+    return M.bits_per_byte(s["text_nats"], s["bytes"])
 
 
 def tokens_per_second(scorer: Scorer, ids: list[int], n: int = GEN_TOKENS, reps: int = 3) -> float:
@@ -449,13 +446,12 @@ def leading_match(a: list[int], b: list[int]) -> int:
     return min(len(a), len(b))
 
 
-def measure(name: str, size: int, scorer: Scorer, blocks: list[list[int]], byte_lengths: np.ndarray,
-            prompt: list[int], reference: list[int] | None, compare_tokens: int, gen_tokens: int,
-            reps: int = 3) -> tuple[Row, list[int]]:
+def measure(name: str, size: int, scorer: Scorer, val: ValData, prompt: list[int], reference: list[int] | None,
+            compare_tokens: int, gen_tokens: int, reps: int = 3) -> tuple[Row, list[int]]:
     """One table row (and this variant's greedy continuation of `prompt`)."""
     greedy = scorer.greedy(prompt, compare_tokens, True)
     ref = greedy if reference is None else reference
-    row = Row(name, size, bits_per_byte(scorer, blocks, byte_lengths),
+    row = Row(name, size, bits_per_byte(scorer, val),
               tokens_per_second(scorer, prompt, gen_tokens, reps) if gen_tokens else None,
               leading_match(ref, greedy), len(ref))
     return row, greedy
@@ -520,10 +516,13 @@ def _size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".safetensors", ".bin", ".gguf"))
 
 
-def quantize(run: Path, settings: Settings, out: str | Path | None = None, val_tokens: int = VAL_TOKENS,
+def quantize(run: Path, settings: Settings, out: str | Path | None = None, val_tokens: int | None = None,
              gen_tokens: int = GEN_TOKENS, reps: int = 3) -> tuple[Path, list[Row]]:
     """Quantize `run` with `settings.quantize.method`, write it with its quantization.json
-    (method, library, versions, settings, source, comparison table) and return (path, rows)."""
+    (method, library, versions, settings, source, comparison table) and return (path, rows).
+
+    val_tokens: validation tokens scored per variant (default `quantize.val_tokens`);
+    `tinystory eval --max-tokens N` of the unquantized run reports the same bpb."""
     import torch
     from rich.markup import escape
     from transformers import AutoModelForCausalLM
@@ -538,6 +537,7 @@ def quantize(run: Path, settings: Settings, out: str | Path | None = None, val_t
     target = _output(run, q.method, out or q.out or None)
     tok = tokmod.load(run)
     source = AutoModelForCausalLM.from_pretrained(run, dtype=torch.float32).eval()
+    val = val_data(run, source, tok, settings, val_tokens or q.val_tokens)
     # One thread unless generate.threads says otherwise: the steadiest decoding timing on small
     # shared CPUs, and the same count for torch and llama.cpp.
     threads = settings.generate.threads or 1
@@ -557,47 +557,47 @@ def quantize(run: Path, settings: Settings, out: str | Path | None = None, val_t
         write_gguf(source, tok, target, q.method[5:], name=run.name,
                    extra={"tinystory.source_run": str(run), "tinystory.method": q.method})
         if llama_cpp_available():
-            llm = load_gguf(target, n_ctx=max(512, len(tok(q.prompt)["input_ids"]) + gen_tokens + 8),
-                            threads=threads, logits_all=True)
+            n_ctx = max(512, val.block_size, len(tok(q.prompt)["input_ids"]) + gen_tokens + 8)
+            llm = load_gguf(target, n_ctx=n_ctx, threads=threads, logits_all=True)
             quantized = llama_scorer(llm, tok.eos_token_id)
+    if target.is_dir():  # the run's settings and data record travel with the folder: eval finds both
+        for name in ("settings.toml", "run.json"):
+            if (run / name).is_file():
+                shutil.copy2(run / name, target / name)
     torch.set_num_threads(threads)
     try:
-        rows = compare(run, source, tok, target, quantized, settings, val_tokens, gen_tokens, reps)
+        rows = compare(run, source, tok, target, quantized, settings, val, gen_tokens, reps)
     finally:
         if llm is not None:
             llm.close()  # free llama.cpp's memory now, not at interpreter exit
-    _write_manifest(run, target, settings, rows, val_source(run, tok), val_tokens, gen_tokens)
+    _write_manifest(run, target, settings, rows, val, gen_tokens)
     return target, rows
 
 
 def compare(run: Path, source: PreTrainedModel, tok: PreTrainedTokenizerBase, target: Path,
-            quantized: Scorer | None, settings: Settings, val_tokens: int = VAL_TOKENS,
+            quantized: Scorer | None, settings: Settings, val: ValData,
             gen_tokens: int = GEN_TOKENS, reps: int = 3) -> list[Row]:
     """[reference row, quantized row] on the same validation blocks, prompt and threads."""
     import torch
 
-    from tinystory.tokenizer import token_byte_lengths
-
     q = settings.quantize
-    blocks = val_blocks(run, tok, val_tokens)
-    lengths = token_byte_lengths(tok)
     prompt = tok(q.prompt)["input_ids"]
     src_size = _size(run / "model.safetensors") if (run / "model.safetensors").is_file() else _size(run)
     dtype = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(source.dtype, str(source.dtype))
     ref, greedy = measure(f"unquantized {dtype}", src_size,
-                          torch_scorer(source, tok.eos_token_id), blocks, lengths, prompt, None,
+                          torch_scorer(source, tok.eos_token_id), val, prompt, None,
                           q.compare_tokens, gen_tokens, reps)
     name = {"int8": "int8 (torch.ao dynamic)"}.get(q.method, q.method)
     if quantized is None:
         row = Row(name, _size(target), note=f"llama-cpp-python not installed: {GGUF_HINT}")
     else:
         row, _ = measure(name if not q.method.startswith("gguf-") else f"{name} (llama.cpp)", _size(target),
-                         quantized, blocks, lengths, prompt, greedy, q.compare_tokens, gen_tokens, reps)
+                         quantized, val, prompt, greedy, q.compare_tokens, gen_tokens, reps)
     return [ref, row]
 
 
-def _write_manifest(run: Path, target: Path, settings: Settings, rows: list[Row], val_data: str,
-                    val_tokens: int, gen_tokens: int) -> None:
+def _write_manifest(run: Path, target: Path, settings: Settings, rows: list[Row], val: ValData,
+                    gen_tokens: int) -> None:
     import dataclasses
     import platform
 
@@ -621,8 +621,9 @@ def _write_manifest(run: Path, target: Path, settings: Settings, rows: list[Row]
         "comparison": {
             "device": _device_name(),
             "threads": torch.get_num_threads(),
-            "val_data": val_data,
-            "val_tokens": val_tokens,
+            "val_data": val.source,
+            "val_tokens": len(val.tokens),
+            "block_size": val.block_size,
             "gen_tokens": gen_tokens,
             "python": platform.python_version(),
             "rows": [asdict(r) for r in rows],

@@ -132,6 +132,9 @@ class QuantizeSettings:
     out: str = setting("", "output folder or .gguf file; empty = inside the run dir")
     prompt: str = setting("Once upon a time", "prompt of the greedy comparison")
     compare_tokens: int = setting(32, "greedy tokens compared against the unquantized model")
+    val_tokens: int = setting(
+        8192, "validation tokens scored per variant (eval --max-tokens with the same number gives the same bpb)"
+    )
 
 
 @dataclass(frozen=True)

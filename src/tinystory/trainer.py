@@ -45,6 +45,8 @@ def trainer_class():  # type: ignore[no-untyped-def]
     import torch
     from transformers import Trainer
 
+    from tinystory.evaluation import score_stream
+
     class StoryTrainer(Trainer):
         """Trainer with our data order, schedule, NaN watch and bits-per-byte evaluation."""
 
@@ -82,8 +84,8 @@ def trainer_class():  # type: ignore[no-untyped-def]
 
         def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):  # type: ignore[no-untyped-def]
             t0 = time.monotonic()
-            sums = score_blocks(self.model, self.val, self.live.block_size, self.args.per_device_eval_batch_size,
-                                self.byte_lengths, self.args.device)
+            sums = score_stream(self.model, self.val, self.live.block_size, self.args.per_device_eval_batch_size,
+                                self.byte_lengths, self.args.device, what=None)  # inside the live display
             from tinystory import metrics as m
 
             loss = sums["nats"] / sums["tokens"]
@@ -100,37 +102,6 @@ def trainer_class():  # type: ignore[no-untyped-def]
             return out
 
     return StoryTrainer
-
-
-def score_blocks(model: Any, tokens: np.ndarray, block_size: int, batch_size: int, byte_lengths: np.ndarray,
-                 device: Any) -> dict[str, float]:
-    """Sums of nats over non-overlapping blocks of `tokens` (tokens 2..T of each block are
-    targets): over all targets (the loss) and over text targets with their UTF-8 bytes
-    (bits per byte, specials left out of both, as `metrics.bits_per_byte` defines)."""
-    import numpy as np
-    import torch
-    import torch.nn.functional as F
-
-    nbytes = torch.from_numpy(np.asarray(byte_lengths, dtype=np.int64))
-    n_blocks = len(tokens) // block_size
-    sums = {"nats": 0.0, "tokens": 0, "text_nats": 0.0, "bytes": 0}
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        for first in range(0, n_blocks, batch_size):
-            B = min(batch_size, n_blocks - first)
-            chunk = np.asarray(tokens[first * block_size:(first + B) * block_size], dtype=np.int64)
-            x = torch.from_numpy(chunk).view(B, block_size).to(device)  # (B, T)
-            logits = model(input_ids=x, use_cache=False).logits.float()  # (B, T, V)
-            targets = x[:, 1:].reshape(-1)  # (B*(T-1),)
-            nats = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), targets, reduction="none").double()
-            b = nbytes.to(targets.device)[targets]  # (B*(T-1),) 0 for specials
-            sums["nats"] += nats.sum().item()
-            sums["tokens"] += targets.numel()
-            sums["text_nats"] += nats[b > 0].sum().item()
-            sums["bytes"] += int(b.sum())
-    model.train(was_training)
-    return sums
 
 
 def save_best(model: PreTrainedModel, live: Live) -> None:
