@@ -104,3 +104,46 @@ def random_run(tmp_path_factory: pytest.TempPathFactory, bpe_tokenizer) -> Path:
     tok.save_pretrained(path)
     (path / "settings.toml").write_text(to_toml(load_settings(profile="tiny", env={})), encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory, bpe_tokenizer) -> Path:
+    """A run dir of a `tiny` model that has learned something: 150 AdamW steps (batch 16 x
+    64, lr 3e-3, seed 0, one thread, so the same floats every time) on 800 sample stories
+    as training stores them (BOS + story + EOS), with the tiny profile's settings.toml and
+    sampling defaults (temperature 1, top-p 0.9, 64 tokens). Greedy outputs and bpb of
+    this model are pinned by the generate, quantize and GGUF tests."""
+    import torch
+
+    from tinystory.model import build_config, build_model
+    from tinystory.settings import load_settings, to_toml
+
+    tok = bpe_tokenizer
+    stream: list[int] = []
+    for story in sample_stories("train", 800):
+        stream += [*tok(story)["input_ids"], tok.eos_token_id]  # BOS + story + EOS
+    block, batch = 64, 16
+    data = torch.tensor(stream[: len(stream) // block * block]).view(-1, block)  # (N, T)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = build_model(build_config("tiny", len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    g = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(150):
+        x = data[torch.randint(len(data), (batch,), generator=g)]  # (B, T)
+        loss = model(input_ids=x, labels=x).loss  # labels are shifted inside the model
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    torch.set_num_threads(threads)
+    assert loss.item() < 3.5, loss.item()  # ln(512) = 6.24 at the start
+    gc = model.generation_config
+    gc.do_sample, gc.temperature, gc.top_p, gc.max_new_tokens = True, 1.0, 0.9, 64
+    path = tmp_path_factory.mktemp("trained") / "trained-run"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    (path / "settings.toml").write_text(to_toml(load_settings(profile="tiny", env={})), encoding="utf-8")
+    return path

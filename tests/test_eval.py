@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import sample_stories, write_prepared
+from conftest import write_prepared
 from typer.testing import CliRunner
 
 from tinystory.cli.app import app

@@ -10,7 +10,6 @@ import math
 import numpy as np
 import pytest
 
-import tiny_trained
 from conftest import sample_stories
 from tinystory import quantization as Q
 from tinystory.errors import QuantizationError
@@ -28,11 +27,6 @@ def _one_thread():
     torch.set_num_threads(1)  # tiny models: no thread spinning on a busy machine
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="session")
-def trained_run(tmp_path_factory, bpe_tokenizer):
-    return tiny_trained.trained_run(tmp_path_factory, bpe_tokenizer, sample_stories("train", 800))
 
 
 def load(run):

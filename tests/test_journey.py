@@ -1,64 +1,133 @@
-"""The learner's whole journey through the installed `tinystory` command, end to end.
+"""Release 0.1.0: the learner's whole journey, from a wheel in a fresh virtualenv.
 
-prepare -> train -> eval --metrics distinct-n -> generate -> quantize (int8, gguf-q8_0)
--> push --dry-run, on the tiny profile with real text, checking every artifact the next
-step needs and every exit code.
+The module builds the sdist and the wheel (`python -m build`), checks them with `twine
+check` and by their contents, installs the wheel into a new virtualenv (CPU torch first,
+as the README says), and drives that installed `tinystory` command through prepare ->
+train -> eval --metrics distinct-n -> generate -> quantize (int8, gguf-q8_0) -> push
+--dry-run on the tiny profile with real text, checking every artifact the next step needs
+and every exit code.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
+import tarfile
+import zipfile
 from pathlib import Path
 
 import pytest
 
+import tinystory
 
-def tinystory(*args: str, env: dict[str, str], timeout: int = 600) -> subprocess.CompletedProcess:
-    exe = shutil.which("tinystory") or f"{sys.executable} -m tinystory"
-    cmd = [*exe.split(), *args] if " " in exe else [exe, *args]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-    assert r.returncode == 0, f"tinystory {' '.join(args)} exited {r.returncode}:\n{r.stderr[-3000:]}"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(cmd: list[str], timeout: int = 900, **kw) -> subprocess.CompletedProcess:  # noqa: ANN003
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
+    assert r.returncode == 0, f"{' '.join(map(str, cmd))} exited {r.returncode}:\n{r.stderr[-3000:]}"
     return r
 
 
+@pytest.fixture(scope="module")
+def dists(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """sdist and wheel of this checkout (no build isolation: setuptools and wheel come with
+    the dev extra, so the build needs no network)."""
+    out = tmp_path_factory.mktemp("dist")
+    run([sys.executable, "-m", "build", "--no-isolation", "--sdist", "--wheel", "--outdir", str(out), str(ROOT)])
+    (sdist,), (wheel,) = out.glob("*.tar.gz"), out.glob("*.whl")
+    return {"sdist": sdist, "wheel": wheel}
+
+
+@pytest.fixture(scope="module")
+def tinystory_exe(dists: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`tinystory` of the wheel installed into a fresh virtualenv: CPU torch (the version
+    this suite runs with) first, then the wheel with its dependencies."""
+    import torch
+
+    venv = tmp_path_factory.mktemp("fresh") / "venv"
+    run([sys.executable, "-m", "venv", str(venv)])
+    py = venv / "bin" / "python"
+    pip = [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    run([*pip, f"torch=={torch.__version__.split('+')[0]}"])
+    run([*pip, str(dists["wheel"])])
+    return venv / "bin" / "tinystory"
+
+
 @pytest.mark.slow
-def test_journey(tmp_path: Path) -> None:
+def test_dists_pass_twine_and_carry_what_they_must(dists: dict[str, Path]) -> None:
+    v = tinystory.__version__
+    assert dists["wheel"].name == f"tinystory_llm-{v}-py3-none-any.whl"
+    assert dists["sdist"].name == f"tinystory_llm-{v}.tar.gz"
+    r = run([sys.executable, "-m", "twine", "check", "--strict", str(dists["sdist"]), str(dists["wheel"])])
+    assert r.stdout.count("PASSED") == 2, r.stdout
+    wheel = set(zipfile.ZipFile(dists["wheel"]).namelist())
+    for f in ("py.typed", "profiles/tiny.toml", "profiles/cpu.toml", "profiles/rtx2070.toml", "profiles/a100.toml",
+              "sample/train.txt.gz", "sample/valid.txt.gz", "sample/LICENSE-CDLA-Sharing-1.0.txt",
+              "sample/README.md", "web/index.html", "cli/app.py"):
+        assert f"tinystory/{f}" in wheel, f
+    assert not any(n.startswith(("tests/", "benchmarks/")) for n in wheel)
+    entry = zipfile.ZipFile(dists["wheel"]).read(f"tinystory_llm-{v}.dist-info/entry_points.txt").decode()
+    assert "tinystory = tinystory.cli.app:main" in entry
+    top = f"tinystory_llm-{v}/"
+    sdist = {n.removeprefix(top) for n in tarfile.open(dists["sdist"]).getnames()}
+    for f in ("CHANGELOG.md", "README.md", "LICENSE", "pyproject.toml", "completions/tinystory.bash",
+              "completions/_tinystory", "completions/tinystory.fish", "tests/conftest.py", "tests/test_journey.py",
+              "src/tinystory/sample/LICENSE-CDLA-Sharing-1.0.txt", "src/tinystory/py.typed"):
+        assert f in sdist, f
+
+
+@pytest.mark.slow
+def test_journey(tinystory_exe: Path, tmp_path: Path) -> None:
     env = {**os.environ, "TINYSTORY_PLAIN": "1", "COLUMNS": "200"}
-    data, run = tmp_path / "data", tmp_path / "run"
+    data, run_dir = tmp_path / "data", tmp_path / "run"
 
-    r = tinystory("prepare", "--profile", "tiny", "--out", str(data), env=env)
-    assert Path(r.stdout.strip().splitlines()[-1]) == data
+    def tinystory_(*args: str, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        return run([str(tinystory_exe), *args], env={**env, **(extra_env or {})}, cwd=tmp_path)
+
+    r = tinystory_("--version")
+    assert r.stdout.strip() == f"tinystory {tinystory.__version__}"
+    r = run([str(tinystory_exe.parent / "python"), "-c", "import tinystory; print(tinystory.__file__)"])
+    assert "site-packages" in r.stdout  # the wheel's copy, not this checkout
+
+    r = tinystory_("prepare", "--profile", "tiny", "--out", str(data))
+    assert r.stdout.strip().splitlines()[-1] == str(data)
     meta = json.loads((data / "meta.json").read_text())
-    assert meta["splits"]["train"]["stories"] > 0 and (data / "train.bin").stat().st_size > 0
+    assert meta["splits"]["train"]["stories"] > 500 and meta["splits"]["val"]["stories"] > 0
+    assert (data / "train.bin").stat().st_size == 2 * meta["splits"]["train"]["tokens"]  # uint16
 
-    r = tinystory("train", "--profile", "tiny", "--data", str(data), "--out", str(run), "--max-steps", "30", env=env)
-    assert Path(r.stdout.strip().splitlines()[-1]) == run
+    r = tinystory_("train", "--profile", "tiny", "--data", str(data), "--out", str(run_dir), "--max-steps", "30")
+    assert r.stdout.strip().splitlines()[-1] == str(run_dir)
     for f in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "settings.toml",
               "metrics.jsonl", "run.json"):
-        assert (run / f).is_file(), f
+        assert (run_dir / f).is_file(), f
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["steps"] == 30 and info["data"]["path"] == str(data)
+    losses = [row["loss"] for row in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+              if "loss" in row]
+    assert losses[-1] < losses[0] - 0.5  # it learned on real text
 
-    r = tinystory("eval", str(run), "--metrics", "distinct-n", "--num-samples", "4", "--json", env=env)
-    result = json.loads(r.stdout)
-    assert 0 < result["metrics"]["distinct-1"] <= 1 if "metrics" in result else True
-    assert (run / "eval.json").is_file()
+    r = tinystory_("eval", str(run_dir), "--metrics", "distinct-n", "--num-samples", "4", "--json")
+    distinct = json.loads(r.stdout)["metrics"]
+    assert 0 < distinct["distinct-1"] <= 1 and 0 < distinct["distinct-2"] <= 1
+    assert json.loads((run_dir / "eval.json").read_text())["metrics"]["distinct-1"] == distinct["distinct-1"]
 
-    r = tinystory("generate", "Once upon a time", "--run", str(run), "--greedy", "--max-new-tokens", "20", env=env)
-    assert r.stdout.startswith("Once upon a time") or len(r.stdout.strip()) > 0
+    r = tinystory_("generate", "Once upon a time", "--run", str(run_dir), "--greedy", "--max-new-tokens", "20")
+    assert r.stdout.startswith("Once upon a time") and len(r.stdout.split()) > 4
 
-    r = tinystory("quantize", str(run), "--method", "int8", env=env)
+    r = tinystory_("quantize", str(run_dir), "--method", "int8")
     int8 = Path(r.stdout.strip().splitlines()[-1])
-    assert (int8 / "quantization.json").is_file()
-    r = tinystory("generate", "Once upon a time", "--run", str(int8), "--greedy", "--max-new-tokens", "10", env=env)
-    assert r.stdout.strip()
+    assert int8 == run_dir / "quantized" / "int8" and (int8 / "quantization.json").is_file()
+    r = tinystory_("generate", "Once upon a time", "--run", str(int8), "--greedy", "--max-new-tokens", "10")
+    assert r.stdout.startswith("Once upon a time") and len(r.stdout.split()) > 4
 
-    r = tinystory("quantize", str(run), "--method", "gguf-q8_0", env=env)
+    r = tinystory_("quantize", str(run_dir), "--method", "gguf-q8_0")
     gguf = Path(r.stdout.strip().splitlines()[-1])
-    assert gguf.suffix == ".gguf" and gguf.stat().st_size > 0
+    assert gguf == run_dir / "quantized" / "run-q8_0.gguf" and gguf.stat().st_size > 0
+    assert json.loads(gguf.with_suffix(".json").read_text())["method"] == "gguf-q8_0"
 
-    r = tinystory("push", str(run), "someone/tiny-stories", "--dry-run", env={**env, "HF_TOKEN": "hf_not_a_real_token"})
+    r = tinystory_("push", str(run_dir), "someone/tiny-stories", "--dry-run", extra_env={"HF_TOKEN": "hf_not_a_real_token"})
     assert "model.safetensors" in r.stdout and "README.md" in r.stdout
     assert "hf_not_a_real_token" not in r.stdout + r.stderr

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-import tiny_trained
-from conftest import sample_stories, write_prepared
+from conftest import write_prepared
 from tinystory import quantization as Q
 from tinystory.cli.app import main
 from tinystory.errors import QuantizationError
@@ -24,11 +23,6 @@ def _one_thread():
     torch.set_num_threads(1)  # tiny models: no thread spinning on a busy machine
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="session")
-def trained_run(tmp_path_factory, bpe_tokenizer):
-    return tiny_trained.trained_run(tmp_path_factory, bpe_tokenizer, sample_stories("train", 800))
 
 
 def cli(capsys, *argv: str) -> tuple[int, str, str]:

@@ -147,3 +147,19 @@ def test_rtx2070_is_the_seed_setup():
     assert (s.model.preset, s.data.tokenizer) == ("tinystories-40m", "mistral")
     assert (t.batch_size, t.precision, t.activation_checkpointing, t.optimizer) == (6, "fp16", True, "adamw_bnb_8bit")
     assert t.early_stopping_patience == 2 and t.memory_budget_gb == 8.0 and t.wandb == "auto"
+
+
+def test_auto_profile_needs_torch_only_where_an_nvidia_driver_is(monkeypatch):
+    import sys
+    import types
+
+    from tinystory import settings as S
+
+    monkeypatch.setattr(S, "nvidia_driver_present", lambda: False)
+    monkeypatch.setitem(sys.modules, "torch", None)  # importing torch would raise ImportError
+    assert S.detect_profile() == "cpu"
+    monkeypatch.setattr(S, "nvidia_driver_present", lambda: True)
+    for bf16, expected in ((True, "a100"), (False, "rtx2070")):
+        cuda = types.SimpleNamespace(is_available=lambda: True, is_bf16_supported=lambda b=bf16: b)
+        monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(cuda=cuda))
+        assert S.detect_profile() == expected

@@ -81,3 +81,46 @@ def test_parse_spec(spec, expected):
 def test_parse_spec_rejects(spec):
     with pytest.raises(SettingsError):
         T.parse_spec(spec)
+
+
+@pytest.mark.parametrize("which", ["mistral", "bpe"])
+def test_describe_files_agrees_with_the_loaded_tokenizer(which, mistral, bpe_tokenizer, tmp_path):
+    tok = mistral if which == "mistral" else bpe_tokenizer
+    T.save(tok, tmp_path)
+    files = T.describe_files(tmp_path)  # `tokenizers` only: what `prepare` records
+    assert files.sha256 == T.fingerprint(tok) == T.fingerprint(T.load(tmp_path))
+    assert files.vocab_size == len(tok) == {"mistral": 32000, "bpe": 512}[which]
+    assert (files.unk_id, files.bos_id, files.eos_id, files.pad_id) == (0, 1, 2, 2)
+    assert files.dtype == "uint16"
+
+
+def test_mistral_conversion_is_cached(mistral, monkeypatch):
+    folder = T.mistral_folder()  # converted on first use in this test's own cache dir
+    from tinystory.paths import cache_dir
+
+    assert folder.parent == cache_dir() / "tokenizers"
+    assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name]  # no temp folder left
+    monkeypatch.setattr(T, "_convert_mistral", lambda src: pytest.fail("converted again"))
+    assert T.mistral_folder() == folder
+    assert T.load_mistral()(SENTENCE)["input_ids"] == MISTRAL_IDS
+    assert T.fingerprint(T.load_mistral()) == T.fingerprint(mistral)
+
+
+def test_prepare_with_mistral_does_not_import_transformers(tmp_path):
+    """The Mistral path of `prepare` reads the cached conversion with `tokenizers` alone
+    (importing transformers is most of its start-up on a small input)."""
+    import os
+    import subprocess
+    import sys
+
+    T.mistral_folder()  # primed, as after the first use
+    code = ("import sys; from tinystory.cli.app import main\n"
+            "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "heavy = sorted(m for m in ('transformers', 'torch', 'datasets') if m in sys.modules)\n"
+            "print('imported:', heavy)")
+    r = subprocess.run([sys.executable, "-c", code, "prepare", "--dataset", "sample", "--tokenizer", "mistral",
+                        "--max-stories", "50", "--out", str(tmp_path / "p")],
+                       capture_output=True, text=True, env=os.environ.copy(), timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-1] == "imported: []"
+    assert (tmp_path / "p" / "train.bin").is_file()

@@ -40,11 +40,11 @@ from tinystory.packing import Meter, Packer, Spool
 from tinystory.tokenizer import parse_spec
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
-
     from tinystory.settings import Settings
+    from tinystory.tokenizer import TokenizerFiles
 
 FORMAT = 1
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 POOL_MIN_BYTES = 4 << 20  # less text than this: worker processes cost more than they save
 
 
@@ -181,12 +181,11 @@ def _build(tmp: Path, settings: Settings, srcs: list[sources.Source], spec: str,
     processes = nproc > 1 and _expected_bytes(srcs, d.max_stories) >= POOL_MIN_BYTES
     counts = cleaning.new_counts()
     times = {"start": time.perf_counter()}
-    tok = None
+    tok: tokenizer.TokenizerFiles | None = None
     packer = Packer(tmp, nproc)
     try:
         if kind == "mistral":  # known up front: encode while reading
-            tok = tokenizer.load_mistral()
-            _start(packer, tok, tmp, processes)
+            tok = _start(packer, tokenizer.mistral_folder(), tmp, processes)
         times["tokenizer"] = time.perf_counter()
         with Meter("read + clean" + (" + encode" if packer.started else "")) as meter:
             packer.meter = meter
@@ -196,9 +195,10 @@ def _build(tmp: Path, settings: Settings, srcs: list[sources.Source], spec: str,
         times["read"] = time.perf_counter()
         if tok is None:  # a BPE trained on the train split only, then encode
             with Meter(f"train {spec}", spinner_only=True):
-                tok = tokenizer.train_bpe(spools["train"].texts(), size or 0, length=spools["train"].stories)
+                bpe = tokenizer.train_bpe(spools["train"].texts(), size or 0, length=spools["train"].stories)
+                bpe.save_pretrained(str(tmp))
             times["tokenizer"] += time.perf_counter() - times["read"]
-            _start(packer, tok, tmp, processes)
+            tok = _start(packer, tmp, tmp, processes)
             with Meter("encode", total=sum(s.stories for s in spools.values())) as meter:
                 packer.meter = meter
                 for spool in spools.values():
@@ -212,6 +212,7 @@ def _build(tmp: Path, settings: Settings, srcs: list[sources.Source], spec: str,
     end = time.perf_counter()
     seconds = {"tokenizer": times["tokenizer"] - times["start"], "read": times["read"] - times["start"],
                "total": end - times["start"]}
+    assert tok is not None  # set on both paths above
     meta = _meta(settings, srcs, spec, fp, tok, spools, tokens, counts)
     meta["seconds"] = {**{k: round(v, 3) for k, v in seconds.items()}, "processes": nproc if processes else 1}
     with open(tmp / META, "w", encoding="utf-8") as f:
@@ -220,13 +221,17 @@ def _build(tmp: Path, settings: Settings, srcs: list[sources.Source], spec: str,
         os.fsync(f.fileno())
 
 
-def _start(packer: Packer, tok: PreTrainedTokenizerBase, tmp: Path, processes: bool) -> None:
-    tok.save_pretrained(str(tmp))  # the tokenizer files of the prepared folder; workers load them
-    packer.start(tmp / "tokenizer.json", tok.bos_token_id, tok.eos_token_id, _dtype(tok), processes)
+def _start(packer: Packer, files: Path, tmp: Path, processes: bool) -> TokenizerFiles:
+    """The tokenizer files in `files` become the prepared folder's (`tmp`); workers load them."""
+    from tinystory.tokenizer import describe_files
 
-
-def _dtype(tok: PreTrainedTokenizerBase) -> str:
-    return "uint16" if len(tok) <= 1 << 16 else "uint32"
+    if files != tmp:
+        for name in TOKENIZER_FILES:
+            if (files / name).is_file():
+                shutil.copyfile(files / name, tmp / name)
+    tok = describe_files(tmp)
+    packer.start(tmp / "tokenizer.json", tok.bos_id, tok.eos_id, tok.dtype, processes)
+    return tok
 
 
 def _expected_bytes(srcs: list[sources.Source], max_stories: int) -> float:
@@ -235,18 +240,15 @@ def _expected_bytes(srcs: list[sources.Source], max_stories: int) -> float:
     return min(total, max_stories * 1000) if max_stories else total  # ~1 kB a story
 
 
-def _meta(settings: Settings, srcs: list[sources.Source], spec: str, fp: str, tok: PreTrainedTokenizerBase,
+def _meta(settings: Settings, srcs: list[sources.Source], spec: str, fp: str, tok: TokenizerFiles,
           spools: dict[str, Spool], tokens: dict[str, int], counts: dict[str, int]) -> dict[str, Any]:
-    from tinystory.tokenizer import fingerprint as tok_fingerprint
-
     d = settings.data
     splits = {s: {"stories": spools[s].stories, "tokens": tokens[s], "bytes": spools[s].bytes} for s in spools}
     text_tokens = tokens["train"] - 2 * spools["train"].stories
     return {
-        "format": FORMAT, "tinystory_version": __version__, "dtype": _dtype(tok),
-        "tokenizer": {"name": spec, "sha256": tok_fingerprint(tok), "vocab_size": len(tok),
-                      "bos_id": tok.bos_token_id, "eos_id": tok.eos_token_id,
-                      "unk_id": tok.unk_token_id, "pad_id": tok.pad_token_id},
+        "format": FORMAT, "tinystory_version": __version__, "dtype": tok.dtype,
+        "tokenizer": {"name": spec, "sha256": tok.sha256, "vocab_size": tok.vocab_size,
+                      "bos_id": tok.bos_id, "eos_id": tok.eos_id, "unk_id": tok.unk_id, "pad_id": tok.pad_id},
         "splits": splits,
         "bytes_per_token": round(spools["train"].bytes / max(text_tokens, 1), 4),  # BOS/EOS not counted
         "sources": [s.describe() for s in srcs],

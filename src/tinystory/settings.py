@@ -361,13 +361,28 @@ def read_profile(name: str) -> dict[str, Any]:
 def detect_profile() -> str:
     """`auto`: rtx2070 on a CUDA GPU without bf16, a100 on one with it, cpu otherwise.
 
-    Imports torch, so it runs only when a command actually resolves settings.
+    Asks torch (a second of start-up) only where an NVIDIA driver is installed: on a
+    machine without one the answer is `cpu` whatever torch would say.
     """
+    if not nvidia_driver_present():
+        return "cpu"
     import torch
 
     if torch.cuda.is_available():
         return "a100" if torch.cuda.is_bf16_supported() else "rtx2070"
     return "cpu"
+
+
+def nvidia_driver_present() -> bool:
+    """Whether an NVIDIA driver is installed (a CUDA GPU may be there), without importing
+    torch: Linux's /proc/driver/nvidia, or `nvidia-smi` on PATH (Windows, WSL2). macOS has
+    no CUDA."""
+    import shutil
+    import sys
+
+    if sys.platform == "darwin":
+        return False
+    return Path("/proc/driver/nvidia/version").exists() or shutil.which("nvidia-smi") is not None
 
 
 # --------------------------------------------------------------------------- layers

@@ -18,6 +18,7 @@ import hashlib
 import json
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -57,17 +58,27 @@ def mistral_model_file() -> Path | None:
 
 
 def load_mistral() -> PreTrainedTokenizerBase:
-    """The Mistral v1 tokenizer: offline from mistral-common, else from the hub."""
+    """The Mistral v1 tokenizer: offline from mistral-common (converted once, then cached;
+    see `mistral_folder`), else from the hub."""
+    src = mistral_model_file()
+    if src is None:
+        from transformers import LlamaTokenizer
+
+        from tinystory.net import from_hub
+
+        return from_hub(lambda: LlamaTokenizer.from_pretrained(MISTRAL_HUB_ID, add_bos_token=True), MISTRAL_HUB_ID)
+    tok = load(mistral_folder())
+    tok.name_or_path = "mistral"
+    return tok
+
+
+def _convert_mistral(src: Path) -> PreTrainedTokenizerBase:
+    """transformers' conversion of the sentencepiece model `src` (about a second)."""
     import shutil
     import tempfile
 
     from transformers import LlamaTokenizer
 
-    src = mistral_model_file()
-    if src is None:
-        from tinystory.net import from_hub
-
-        return from_hub(lambda: LlamaTokenizer.from_pretrained(MISTRAL_HUB_ID, add_bos_token=True), MISTRAL_HUB_ID)
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copy(src, Path(tmp) / "tokenizer.model")
         tok = LlamaTokenizer.from_pretrained(tmp, add_bos_token=True, add_eos_token=False, legacy=False)
@@ -75,6 +86,76 @@ def load_mistral() -> PreTrainedTokenizerBase:
     tok.model_max_length = 1 << 30
     tok.name_or_path = "mistral"
     return tok
+
+
+def mistral_folder() -> Path:
+    """The converted Mistral tokenizer's files (tokenizer.json, tokenizer_config.json) in the
+    cache, made on first use. Keyed by the sha256 of mistral-common's tokenizer.model.v1 and
+    the transformers version that converted it, so an upgrade of either converts again.
+    Reading it back needs only `tokenizers`: `prepare` with the Mistral tokenizer starts
+    without importing transformers."""
+    import shutil
+    import tempfile
+    from importlib.metadata import version
+
+    from tinystory.paths import cache_dir
+
+    src = mistral_model_file()
+    if src is None:
+        raise TinystoryError("mistral-common is not installed, so the Mistral tokenizer is not on this machine",
+                             "pip install mistral-common")
+    key = hashlib.sha256(src.read_bytes()).hexdigest()[:16]
+    folder = cache_dir() / "tokenizers" / f"mistral-v1-{key}-transformers-{version('transformers')}"
+    if (folder / "tokenizer.json").is_file() and (folder / "tokenizer_config.json").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder.parent))
+    try:
+        _convert_mistral(src).save_pretrained(str(tmp))
+        try:
+            tmp.rename(folder)  # whole, or not at all
+        except OSError:  # another process made it first
+            if not (folder / "tokenizer.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+@dataclass(frozen=True)
+class TokenizerFiles:
+    """What `prepare` records of a saved tokenizer, read with `tokenizers` alone."""
+
+    folder: Path
+    sha256: str  # = fingerprint() of the loaded tokenizer
+    vocab_size: int  # = len() of the loaded tokenizer (added tokens included)
+    unk_id: int | None
+    bos_id: int | None
+    eos_id: int | None
+    pad_id: int | None
+
+    @property
+    def dtype(self) -> str:
+        """The token dtype of a prepared stream: uint16 when every id fits."""
+        return "uint16" if self.vocab_size <= 1 << 16 else "uint32"
+
+
+def describe_files(folder: str | Path) -> TokenizerFiles:
+    """A `TokenizerFiles` for a folder written by `save` (or `save_pretrained`)."""
+    from tokenizers import Tokenizer
+
+    folder = Path(folder)
+    core = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+
+    def token_id(name: str) -> int | None:
+        token = config.get(name)
+        token = token.get("content") if isinstance(token, dict) else token
+        return core.token_to_id(token) if token else None
+
+    return TokenizerFiles(folder, _sha256_of_json(core.to_str()), core.get_vocab_size(with_added_tokens=True),
+                          token_id("unk_token"), token_id("bos_token"), token_id("eos_token"),
+                          token_id("pad_token"))
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, length: int | None = None) -> PreTrainedTokenizerBase:
@@ -121,8 +202,11 @@ def save(tokenizer: PreTrainedTokenizerBase, path: str | Path) -> None:
 
 def fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     """sha256 of the tokenizer's canonical JSON: equal iff the two tokenize the same way."""
-    data = json.loads(tokenizer.backend_tokenizer.to_str())
-    blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+    return _sha256_of_json(tokenizer.backend_tokenizer.to_str())
+
+
+def _sha256_of_json(text: str) -> str:
+    blob = json.dumps(json.loads(text), sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()
 
 
