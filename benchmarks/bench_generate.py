@@ -45,8 +45,9 @@ def cpu_name() -> str:
         return platform.processor() or "unknown CPU"
 
 
-def make_run(preset: str, folder: Path) -> Path:
-    """A run dir with a randomly initialised `preset` and its tokenizer."""
+def make_run(preset: str, folder: Path, peaked: bool = True) -> Path:
+    """A run dir with a randomly initialised `preset` and its tokenizer; `peaked`: the final
+    norm scaled to a trained model's next-token entropy (see `peak`)."""
     import gzip
     from importlib import resources
 
@@ -64,7 +65,8 @@ def make_run(preset: str, folder: Path) -> Path:
         tok = train_bpe(stories[:2000], size)
     torch.manual_seed(0)
     model = build_model(build_config(preset, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id))
-    peak(model, tok)
+    if peaked:
+        peak(model, tok)
     gc = model.generation_config
     gc.do_sample, gc.temperature, gc.top_p = True, 1.0, 0.9  # what a trained run carries
     path = folder / preset

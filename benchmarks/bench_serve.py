@@ -40,35 +40,11 @@ import time
 from pathlib import Path
 
 PROMPT = "Once upon a time, there was a little girl named Lily. She"
-# One CPU-name probe and one preset -> tokenizer table for the generation benchmarks.
+# One CPU-name probe and one way to make a random run for the generation benchmarks.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_generate import VOCAB, cpu_name  # noqa: E402
+from bench_generate import cpu_name, make_run  # noqa: E402
 
 CLIENTS = 4
-
-
-def make_run(preset: str, folder: Path) -> Path:
-    """A run dir with a randomly initialised `preset` and its tokenizer."""
-    import gzip
-    from importlib import resources
-
-    import torch
-
-    from tinystory.model import build_config, build_model
-    from tinystory.tokenizer import load_mistral, parse_spec, train_bpe
-
-    kind, size = parse_spec(VOCAB.get(preset, "bpe:4096"))
-    if kind == "mistral":
-        tok = load_mistral()
-    else:
-        raw = resources.files("tinystory.sample").joinpath("train.txt.gz").read_bytes()
-        tok = train_bpe(gzip.decompress(raw).decode("utf-8").split("<|endoftext|>")[:2000], size)
-    torch.manual_seed(0)
-    model = build_model(build_config(preset, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id))
-    path = folder / preset
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 class Server:
@@ -253,7 +229,7 @@ def main() -> None:
           f"{'overhead':>9}{'(min)':>7}{'loop cpu':>9}{'4 clients ttft ms (max)':>25}{'tok/s each':>11}{'total':>7}{'vs direct':>10}", flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        runs = [args.run] if args.run else [make_run(p, Path(tmp)) for p in args.presets.split(",")]
+        runs = [args.run] if args.run else [make_run(p, Path(tmp), peaked=False) for p in args.presets.split(",")]
         for run in runs:
             r = bench(run, args.new_tokens, args.repeats, args.threads)
             rows.append(r)

@@ -63,6 +63,18 @@ def write_prepared(folder: Path, tok, n_val: int = 40) -> Path:
     return folder
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: tiny models gain nothing from a second one, and on a
+    busy 2-core machine two OpenMP threads waiting for each other ran them ~50x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The shared TinyStories folder (../shared/data/tinystories); skip if absent."""

@@ -28,15 +28,7 @@ TEXT_KEYS = {*(f"distinct-{n}" for n in range(1, 5)), *(f"distinct-{n}-li" for n
              "self-bleu", "rep-2", "rep-3", "rep-4", "diversity", "length", "eos-share"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One torch thread: on a busy 2-core machine two threads run these tiny models ~50x slower."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

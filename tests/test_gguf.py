@@ -19,14 +19,7 @@ NO_LLAMA = "llama-cpp-python is not installed (pip install 'tinystory-llm[gguf]'
 needs_llama = pytest.mark.skipif(not Q.llama_cpp_available(), reason=NO_LLAMA)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: no thread spinning on a busy machine
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def load(run):
