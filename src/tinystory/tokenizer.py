@@ -141,21 +141,23 @@ class TokenizerFiles:
 
 
 def describe_files(folder: str | Path) -> TokenizerFiles:
-    """A `TokenizerFiles` for a folder written by `save` (or `save_pretrained`)."""
-    from tokenizers import Tokenizer
-
+    """A `TokenizerFiles` for a folder written by `save` (or `save_pretrained`), from the JSON
+    alone (no tokenizer is built: `prepare` starts its workers sooner)."""
     folder = Path(folder)
-    core = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    text = (folder / "tokenizer.json").read_text(encoding="utf-8")
+    data = json.loads(text)
     config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    vocab = data["model"].get("vocab") or {}
+    ids = dict(vocab) if isinstance(vocab, dict) else {piece: i for i, (piece, _) in enumerate(vocab)}  # BPE | Unigram
+    ids.update({t["content"]: t["id"] for t in data.get("added_tokens", [])})
 
     def token_id(name: str) -> int | None:
         token = config.get(name)
         token = token.get("content") if isinstance(token, dict) else token
-        return core.token_to_id(token) if token else None
+        return ids.get(token) if token else None
 
-    return TokenizerFiles(folder, _sha256_of_json(core.to_str()), core.get_vocab_size(with_added_tokens=True),
-                          token_id("unk_token"), token_id("bos_token"), token_id("eos_token"),
-                          token_id("pad_token"))
+    return TokenizerFiles(folder, _sha256_of(data), len(ids), token_id("unk_token"), token_id("bos_token"),
+                          token_id("eos_token"), token_id("pad_token"))
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, length: int | None = None) -> PreTrainedTokenizerBase:
@@ -206,7 +208,11 @@ def fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
 
 
 def _sha256_of_json(text: str) -> str:
-    blob = json.dumps(json.loads(text), sort_keys=True, separators=(",", ":")).encode()
+    return _sha256_of(json.loads(text))
+
+
+def _sha256_of(data: object) -> str:
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()
 
 
