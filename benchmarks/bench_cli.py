@@ -10,22 +10,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import statistics
 import subprocess
 import sys
 import time
 
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from _common import cpu_name  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 
 
 def time_command(argv: list[str], env: dict[str, str], runs: int) -> list[float]:

@@ -15,12 +15,12 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import platform
 import statistics
-import subprocess
 import time
 from importlib import resources
 from pathlib import Path
+
+from _common import cpu_name  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 
 SHAPES = {  # preset: (bpe vocab, block size, max new tokens)
     "tiny": (512, 64, 48),
@@ -29,14 +29,6 @@ SHAPES = {  # preset: (bpe vocab, block size, max new tokens)
 LOSS_TOKENS = 32768
 STORIES = 16
 BATCH = 8
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def sample(split: str, limit: int) -> list[str]:

@@ -23,26 +23,16 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from _common import cpu_name  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
+
 PROMPT = "Once upon a time, there was a little girl named Lily. She"
 ENTROPY = 1.5  # nats: next-token entropy of a TinyStories model (its validation loss is ~1.2-1.5)
 VOCAB = {"tiny": "bpe:512", "cpu-3m": "bpe:4096", "stories15m": "bpe:4096", "tinystories-40m": "mistral"}
-
-
-def cpu_name() -> str:
-    """The `Model name` line of lscpu (what the figures were measured on)."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        import platform
-
-        return platform.processor() or "unknown CPU"
 
 
 def make_run(preset: str, folder: Path, peaked: bool = True) -> Path:

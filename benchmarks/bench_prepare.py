@@ -32,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import cpu_name  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "tinystories"
 SEP = "<|endoftext|>"
@@ -153,14 +155,6 @@ def summarize(runs: list[dict]) -> dict:
     med["walls"] = [round(r["wall_s"], 2) for r in runs]
     med["loads"] = [r["load"] for r in runs]
     return med
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        return "unknown"
 
 
 def main() -> None:

@@ -19,23 +19,15 @@ import argparse
 import copy
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from _common import cpu_name  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
+
 PROMPT = "Once upon a time"
 SETUP = {"tinystories-40m": ("mistral", 0), "cpu-3m": ("bpe:4096", 300)}  # tokenizer, default train steps
-
-
-def cpu_name() -> str:
-    """lscpu's `Model name` (what the figures were measured on)."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        return "unknown CPU"
 
 
 def sample(split: str, limit: int) -> list[str]:
