@@ -180,6 +180,7 @@ def test_quantize_int8_command(capsys, trained_run, tmp_path, bpe_tokenizer):
     c = manifest["comparison"]
     assert (c["threads"], c["val_data"], c["val_tokens"], c["block_size"]) == (1, f"{data}/val.bin", 2048, 64)
     assert "| int8 (torch.ao dynamic) |" in err and "| unquantized fp32 |" in err  # the table, on stderr
+    assert "Loading weights" not in err  # no library progress bars among our lines
 
     # the bpb column is eval's bpb on the same tokens: for the run and for the int8 folder
     for path, expected in ((run, ref["bpb"]), (out_dir, row["bpb"])):

@@ -97,18 +97,12 @@ def load_model(run: Path, device: str) -> tuple[Any, PreTrainedTokenizerBase]:
         return model.eval(), tokenizer
     import torch
     from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
 
     from tinystory import tokenizer as tok
+    from tinystory.generation_hf import quiet_load
 
-    bar = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # our own progress is enough on stderr
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(run), dtype=torch.float32).to(device).eval()
-    finally:
-        if bar:
-            hf_logging.enable_progress_bar()
-    return model, tok.load(run)
+    model = quiet_load(lambda: AutoModelForCausalLM.from_pretrained(str(run), dtype=torch.float32))
+    return model.to(device).eval(), tok.load(run)
 
 
 def weights_kind(run: Path) -> str:

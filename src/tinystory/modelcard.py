@@ -345,7 +345,9 @@ def generate_samples(run: Path, sampling: dict[str, Any], prompts: tuple[str, ..
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
     tok = AutoTokenizer.from_pretrained(run)
-    model = AutoModelForCausalLM.from_pretrained(run, dtype=torch.float32).eval()
+    from tinystory.generation_hf import quiet_load
+
+    model = quiet_load(lambda: AutoModelForCausalLM.from_pretrained(run, dtype=torch.float32)).eval()
     args = {k: v for k, v in sampling.items() if k != "seed"}
     threads = torch.get_num_threads()
     # Token-by-token decoding of a small model: a second thread mostly adds sync cost, and on a

@@ -272,8 +272,9 @@ def load_quantized(path: str | Path) -> tuple[PreTrainedModel, PreTrainedTokeniz
         from transformers import AutoModelForCausalLM
 
         from tinystory import tokenizer as tokmod
+        from tinystory.generation_hf import quiet_load
 
-        model = AutoModelForCausalLM.from_pretrained(path, device_map={"": 0})
+        model = quiet_load(lambda: AutoModelForCausalLM.from_pretrained(path, device_map={"": 0}))
         return model.eval(), tokmod.load(path)
     raise QuantizationError(f"{path} holds a {method} model, not a folder model", "pass the .gguf file")
 
@@ -304,9 +305,12 @@ def save_bnb(run: Path, method: str, folder: Path) -> PreTrainedModel:
     else:
         qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute,
                                 bnb_4bit_use_double_quant=True)
-    model = AutoModelForCausalLM.from_pretrained(run, quantization_config=qc, dtype=compute, device_map={"": 0})
+    from tinystory.generation_hf import quiet_load
+
+    model = quiet_load(lambda: AutoModelForCausalLM.from_pretrained(run, quantization_config=qc, dtype=compute,
+                                                                     device_map={"": 0}))
     folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)  # safetensors with the bnb quant state: from_pretrained reloads it
+    quiet_load(lambda: model.save_pretrained(folder))  # safetensors with the bnb quant state: from_pretrained reloads it
     tokmod.load(run).save_pretrained(folder)
     return model.eval()
 
@@ -569,7 +573,9 @@ def quantize(run: Path, settings: Settings, out: str | Path | None = None, val_t
         raise QuantizationError(f"{run} is not an unquantized run dir", "pass the run dir that training wrote")
     target = _output(run, q.method, out or q.out or None)
     tok = tokmod.load(run)
-    source = AutoModelForCausalLM.from_pretrained(run, dtype=torch.float32).eval()
+    from tinystory.generation_hf import quiet_load
+
+    source = quiet_load(lambda: AutoModelForCausalLM.from_pretrained(run, dtype=torch.float32)).eval()
     val = val_data(run, source, tok, settings, val_tokens or q.val_tokens)
     # One thread unless generate.threads says otherwise: the steadiest decoding timing on small
     # shared CPUs, and the same count for torch and llama.cpp.

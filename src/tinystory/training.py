@@ -129,7 +129,9 @@ def _load_init(ref: str, data: PreparedData) -> PreTrainedModel:
             f"{data.tokenizer_name} ({data.tokenizer_sha256[:12]})",
             "prepare the data with the run's tokenizer (copy its tokenizer files) or train from scratch")
     console.info(f"starting from the weights of {run}")
-    return AutoModelForCausalLM.from_pretrained(str(run))
+    from tinystory.generation_hf import quiet_load
+
+    return quiet_load(lambda: AutoModelForCausalLM.from_pretrained(str(run)))
 
 
 # ------------------------------------------------------------------------ precision
