@@ -3,10 +3,12 @@ on top of `transformers.Trainer`, and the TrainingArguments a profile turns into
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
 from pathlib import Path
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from tinystory import console
@@ -126,46 +128,64 @@ def training_args(settings: Settings, run_dir: Path, prec: Precision, device: st
 
     t = settings.train
     evaluating = t.eval_every > 0
-    return TrainingArguments(
-        output_dir=str(run_dir / "checkpoints"),
-        per_device_train_batch_size=t.batch_size,
-        per_device_eval_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.grad_accum,
-        max_steps=max_steps,
-        learning_rate=t.lr,
-        warmup_steps=t.warmup_steps,  # used by our Schedule (create_scheduler is ours)
-        weight_decay=t.weight_decay,
-        adam_beta1=t.beta1,
-        adam_beta2=t.beta2,
-        max_grad_norm=t.grad_clip,
-        optim=optimizer_name(settings, device),
-        bf16=prec.name == "bf16",
-        fp16=prec.name == "fp16",
-        use_cpu=device == "cpu",
-        activation_checkpointing=t.activation_checkpointing,
-        torch_compile=compile_ok(t.torch_compile, device),
-        eval_strategy="steps" if evaluating else "no",
-        eval_steps=t.eval_every if evaluating else None,
-        metric_for_best_model="eval_loss",
-        greater_is_better=False,
-        save_strategy="steps",
-        save_steps=t.save_every,
-        save_total_limit=t.keep_checkpoints,
-        logging_strategy="steps",
-        logging_steps=t.log_every,
-        logging_nan_inf_filter=False,  # we want to see a NaN, not have it averaged away
-        report_to=report_to,
-        run_name=run_dir.name,
-        seed=t.seed,
-        data_seed=t.seed,
-        dataloader_num_workers=t.dataloader_workers,
-        dataloader_drop_last=True,  # static shapes (torch.compile) and equal blocks per step
-        ddp_backend="gloo" if device == "cpu" and world()[2] > 1 else None,
-        ddp_find_unused_parameters=False,
-        disable_tqdm=True,
-        save_only_model=False,
-        restore_callback_states_from_checkpoint=True,  # early-stopping patience survives a resume
-    )
+    # On CPU, TrainingArguments warns that "the speedups for torchdynamo mostly come with GPU
+    # Ampere or higher": the cpu profile compiles because we measured it faster here.
+    with _logger_at_error("transformers.training_args", device == "cpu"):
+        return TrainingArguments(
+            output_dir=str(run_dir / "checkpoints"),
+            per_device_train_batch_size=t.batch_size,
+            per_device_eval_batch_size=t.batch_size,
+            gradient_accumulation_steps=t.grad_accum,
+            max_steps=max_steps,
+            learning_rate=t.lr,
+            warmup_steps=t.warmup_steps,  # used by our Schedule (create_scheduler is ours)
+            weight_decay=t.weight_decay,
+            adam_beta1=t.beta1,
+            adam_beta2=t.beta2,
+            max_grad_norm=t.grad_clip,
+            optim=optimizer_name(settings, device),
+            bf16=prec.name == "bf16",
+            fp16=prec.name == "fp16",
+            use_cpu=device == "cpu",
+            activation_checkpointing=t.activation_checkpointing,
+            torch_compile=compile_ok(t.torch_compile, device),
+            eval_strategy="steps" if evaluating else "no",
+            eval_steps=t.eval_every if evaluating else None,
+            metric_for_best_model="eval_loss",
+            greater_is_better=False,
+            save_strategy="steps",
+            save_steps=t.save_every,
+            save_total_limit=t.keep_checkpoints,
+            logging_strategy="steps",
+            logging_steps=t.log_every,
+            logging_nan_inf_filter=False,  # we want to see a NaN, not have it averaged away
+            report_to=report_to,
+            run_name=run_dir.name,
+            seed=t.seed,
+            data_seed=t.seed,
+            dataloader_num_workers=t.dataloader_workers,
+            dataloader_drop_last=True,  # static shapes (torch.compile) and equal blocks per step
+            ddp_backend="gloo" if device == "cpu" and world()[2] > 1 else None,
+            ddp_find_unused_parameters=False,
+            disable_tqdm=True,
+            save_only_model=False,
+            restore_callback_states_from_checkpoint=True,  # early-stopping patience survives a resume
+        )
+
+
+@contextlib.contextmanager
+def _logger_at_error(name: str, when: bool) -> Iterator[None]:
+    """transformers logger `name` at ERROR level inside the block (when `when`)."""
+    from transformers.utils import logging as hf_logging
+
+    log = hf_logging.get_logger(name)
+    level = log.level
+    if when:
+        log.setLevel(hf_logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def optimizer_name(settings: Settings, device: str) -> str:
