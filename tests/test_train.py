@@ -310,3 +310,21 @@ def test_minutes_fits_the_run_to_the_wall_time(prepared: Path, tmp_path: Path) -
     last = [r for r in rows(run) if "loss" in r][-1]  # logged at the end of the last step
     assert last["step"] == info["steps"] >= 3 and info["schedule_steps"] >= info["steps"]
     assert 6.0 * 0.6 < last["wall_time_s"] < 6.0 + 4.0  # stops at the first step end past 6 s
+
+
+def test_eta_never_passes_the_time_budget() -> None:
+    """With --minutes the run stops at the deadline, so the ETA is the smaller of the step
+    estimate and the time left (early in a run the fitted step count can be far off)."""
+    import time
+
+    from tinystory.progress import Display
+
+    left: list[float | None] = [60.0]
+    d = Display(lambda: 1000, interactive=False, time_left=lambda: left[0])
+    d._t0, d._step0 = time.monotonic() - 10.0, 0  # 10 steps in 10 s: 990 s to go by steps
+    assert d._eta(10) == "1:00"
+    left[0] = None  # no budget: the step estimate
+    assert d._eta(10) in ("16:29", "16:30")
+    left[0] = -3.0  # past the deadline (the last step is finishing)
+    assert d._eta(10) == "0:00"
+    assert Display(lambda: 1000, interactive=False)._eta(0) == "?"

@@ -18,10 +18,14 @@ class Display:
     """Shows step, loss, eval loss, tok/s, MFU and ETA.
 
     total: a callable giving the current planned total steps (it can change with --minutes).
+    time_left: a callable giving the seconds left of a time budget (None: no budget); the
+    ETA never passes it, since the run stops at the deadline whatever the step count says.
     """
 
-    def __init__(self, total: Callable[[], int], interactive: bool | None = None) -> None:
+    def __init__(self, total: Callable[[], int], interactive: bool | None = None,
+                 time_left: Callable[[], float | None] | None = None) -> None:
         self.total = total
+        self.time_left = time_left
         self.interactive = console.interactive() if interactive is None else interactive
         self.fields: dict[str, Any] = {}
         self._live: Any = None
@@ -43,7 +47,9 @@ class Display:
         if done <= 0:
             return "?"
         per_step = (time.monotonic() - self._t0) / done
-        return _clock(per_step * max(0, self.total() - step))
+        eta = per_step * max(0, self.total() - step)
+        left = self.time_left() if self.time_left else None
+        return _clock(eta if left is None else min(eta, max(0.0, left)))
 
     def _line(self, step: int) -> str:
         f = self.fields

@@ -337,7 +337,9 @@ def _callbacks(trainer: Any, live: Live, settings: Settings, wandb: bool) -> tup
     for cb in (PrinterCallback, ProgressCallback):  # they print dicts to stdout / tqdm bars
         trainer.remove_callback(cb)
     stop = StopControl(live)
-    for cb in (Metrics(live, Display(lambda: live.schedule.total)), stop, CheckpointMarker(live)):
+    display = Display(lambda: live.schedule.total,
+                      time_left=lambda: live.budget_s - live.wall() if live.budget_s else None)
+    for cb in (Metrics(live, display), stop, CheckpointMarker(live)):
         trainer.add_callback(cb)
     if wandb:
         trainer.add_callback(WandbInfo())
