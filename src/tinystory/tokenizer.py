@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 MISTRAL_HUB_ID = "mistralai/Mistral-7B-v0.1"
 SPECIALS = ("<unk>", "<s>", "</s>")  # ids 0, 1, 2 in both vocabularies
 BPE_MIN_VOCAB = 256 + len(SPECIALS) + 1
+MISTRAL_CONVERSION = 1  # bump when `_convert_mistral` changes: cached conversions are keyed by it
 
 
 def parse_spec(spec: str) -> tuple[str, int | None]:
@@ -90,8 +91,9 @@ def _convert_mistral(src: Path) -> PreTrainedTokenizerBase:
 
 def mistral_folder() -> Path:
     """The converted Mistral tokenizer's files (tokenizer.json, tokenizer_config.json) in the
-    cache, made on first use. Keyed by the sha256 of mistral-common's tokenizer.model.v1 and
-    the transformers version that converted it, so an upgrade of either converts again.
+    cache, made on first use. Keyed by the sha256 of mistral-common's tokenizer.model.v1, the
+    transformers version that converted it and `MISTRAL_CONVERSION` (our conversion options),
+    so a change of any converts again.
     Reading it back needs only `tokenizers`: `prepare` with the Mistral tokenizer starts
     without importing transformers."""
     import shutil
@@ -105,7 +107,8 @@ def mistral_folder() -> Path:
         raise TinystoryError("mistral-common is not installed, so the Mistral tokenizer is not on this machine",
                              "pip install mistral-common")
     key = hashlib.sha256(src.read_bytes()).hexdigest()[:16]
-    folder = cache_dir() / "tokenizers" / f"mistral-v1-{key}-transformers-{version('transformers')}"
+    name = f"mistral-v1-{key}-transformers-{version('transformers')}-c{MISTRAL_CONVERSION}"
+    folder = cache_dir() / "tokenizers" / name
     if (folder / "tokenizer.json").is_file() and (folder / "tokenizer_config.json").is_file():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -124,7 +127,7 @@ def mistral_folder() -> Path:
 
 @dataclass(frozen=True)
 class TokenizerFiles:
-    """What `prepare` records of a saved tokenizer, read with `tokenizers` alone."""
+    """What `prepare` records of a saved tokenizer, read from its JSON files alone."""
 
     folder: Path
     sha256: str  # = fingerprint() of the loaded tokenizer
