@@ -566,6 +566,7 @@ def quantize(run: Path, settings: Settings, out: str | Path | None = None, val_t
 
     from tinystory import tokenizer as tokmod
     from tinystory.console import info
+    from tinystory.generation_hf import quiet_load
 
     q = settings.quantize
     check_method(q.method)
@@ -573,8 +574,6 @@ def quantize(run: Path, settings: Settings, out: str | Path | None = None, val_t
         raise QuantizationError(f"{run} is not an unquantized run dir", "pass the run dir that training wrote")
     target = _output(run, q.method, out or q.out or None)
     tok = tokmod.load(run)
-    from tinystory.generation_hf import quiet_load
-
     source = quiet_load(lambda: AutoModelForCausalLM.from_pretrained(run, dtype=torch.float32)).eval()
     val = val_data(run, source, tok, settings, val_tokens or q.val_tokens)
     # One thread unless generate.threads says otherwise: the steadiest decoding timing on small
