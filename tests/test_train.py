@@ -328,3 +328,21 @@ def test_eta_never_passes_the_time_budget() -> None:
     left[0] = -3.0  # past the deadline (the last step is finishing)
     assert d._eta(10) == "0:00"
     assert Display(lambda: 1000, interactive=False)._eta(0) == "?"
+
+
+def test_eager_attention_trains_the_same_model(prepared: Path, tmp_path: Path) -> None:
+    """train.attention = "eager" (the cpu profile's) computes the same losses as sdpa in fp32,
+    and the run dir still loads with transformers' default attention."""
+    from transformers import AutoModelForCausalLM
+
+    from tinystory.training import train
+
+    losses = {}
+    for attention in ("sdpa", "eager"):
+        run = train(tiny(prepared, tmp_path / attention, max_steps=6, log_every=1, eval_every=0, save_every=100,
+                         precision="fp32", attention=attention))
+        losses[attention] = [r["loss"] for r in rows(run) if "loss" in r]
+    assert len(losses["eager"]) == 6
+    assert losses["eager"] == pytest.approx(losses["sdpa"], rel=1e-4)
+    assert "attn" not in (tmp_path / "eager" / "config.json").read_text()  # not saved with the model
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "eager").config._attn_implementation == "sdpa"

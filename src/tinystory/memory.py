@@ -159,6 +159,7 @@ class _Shape:
     kvd: int  # kv heads * head_dim
     tied: bool
     window: int | None
+    eager: bool = False  # attention as plain matmuls (train.attention = "eager") instead of sdpa
 
     @classmethod
     def of(cls, config: Any, B: int, T: int) -> _Shape:
@@ -166,7 +167,7 @@ class _Shape:
         return cls(B, T, config.vocab_size, config.hidden_size, config.intermediate_size,
                    config.num_hidden_layers, config.num_attention_heads, config.num_attention_heads * hd,
                    config.num_key_value_heads * hd, bool(config.tie_word_embeddings),
-                   getattr(config, "sliding_window", None))
+                   getattr(config, "sliding_window", None), getattr(config, "_attn_implementation", "") == "eager")
 
     def layer_matrices(self) -> list[int]:
         """Sizes of one layer's projection weights: q, k, v, o, gate, up, down."""
@@ -189,6 +190,9 @@ def _layer_saved(s: _Shape, p: int, c: int, amp: bool) -> int:
     rsqrt = 2 * 4 * s.B * s.T
     mlp = 4 * c * s.B * s.T * s.inter  # gate out, GELU out, up out, product (down_proj input)
     mask = c * s.B * s.T * s.T if s.mask else 0  # bool mask converted to the query dtype
+    if s.eager:  # the fp32 softmax output (+ its compute-dtype copy under autocast); no logsumexp, mask unsaved
+        probs = (4 + (c if amp else 0)) * s.B * s.heads * s.T * s.T
+        return residual_and_norms + casts * c * bth + attn + probs + rsqrt + mlp
     return residual_and_norms + casts * c * bth + attn + lse + rsqrt + mlp + mask
 
 
@@ -305,6 +309,11 @@ def plan(settings: Settings, config: Any, device: str = "cuda", *, precision: st
     When the plan does not fit, `.suggestion` holds settings that do.
     """
     t = settings.train
+    if t.attention != getattr(config, "_attn_implementation", "sdpa"):
+        import copy
+
+        config = copy.deepcopy(config)
+        config._attn_implementation = t.attention  # what training will set on the model
     prec = _resolve_precision(precision or t.precision, device)
     budget, source = _budget(settings, device, budget_bytes)
     notes = _notes(settings, config, device, prec, precision)

@@ -81,6 +81,9 @@ class TrainSettings:
     )
     activation_checkpointing: bool = setting(False, "recompute activations in backward to save memory")
     torch_compile: bool = setting(False, "compile the model with torch.compile (static shapes)")
+    attention: str = setting(
+        "sdpa", "attention kernel: sdpa (PyTorch's fused kernels) or eager (plain matmuls: compiled on a CPU, "
+        "1.2x faster at block 256)", ("sdpa", "eager"))
     eval_every: int = setting(200, "optimizer steps between evaluations (0 = only at the end)")
     eval_tokens: int = setting(65536, "size of the fixed validation slice used during training")
     early_stopping_patience: int = setting(2, "evaluations without improvement before stopping (0 = off)")

@@ -265,6 +265,8 @@ def train(settings: Settings, *, resume: bool = False, init_from: str | None = N
     tok = data.tokenizer
     model = _build_model(settings, tok, init_from if not ckpt else None, data)
     model.to("cuda" if device == "cuda" else "cpu")
+    if settings.train.attention != model.config._attn_implementation:
+        model.set_attn_implementation(settings.train.attention)  # not saved: the run dir loads with sdpa
     prec = _precision(settings, model, device, recorded)
     if is_main:
         console.info(f"precision: {prec.name} ({prec.reason})")
