@@ -133,3 +133,11 @@ def matmul_peak(dtype: torch.dtype, device: str = "cpu", n: int = 1024, seconds:
             elapsed = time.perf_counter() - t0
             if elapsed >= seconds:
                 return 2 * n**3 * reps / elapsed
+
+
+def peak_flops(dtype: torch.dtype, device: str = "cpu", seconds: float = 0.1) -> float:
+    """The MFU denominator: the best `matmul_peak` over the square sizes where this device
+    peaks (CPU: 512, 1024 and 2048, `seconds` each; CUDA: 4096). The live display and
+    benchmarks/bench_train.py use the same sizes, so their MFU figures agree."""
+    sizes = (4096,) if device == "cuda" else (512, 1024, 2048)
+    return max(matmul_peak(dtype, device, n=n, seconds=seconds) for n in sizes)
