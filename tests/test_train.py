@@ -346,3 +346,14 @@ def test_eager_attention_trains_the_same_model(prepared: Path, tmp_path: Path) -
     assert losses["eager"] == pytest.approx(losses["sdpa"], rel=1e-4)
     assert "attn" not in (tmp_path / "eager" / "config.json").read_text()  # not saved with the model
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "eager").config._attn_implementation == "sdpa"
+
+
+def test_run_json_names_the_device(monkeypatch) -> None:
+    import torch
+
+    from tinystory.rundir import cpu_model, device_name
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "NVIDIA GeForce RTX 2070")
+    assert device_name("cuda") == "cuda: NVIDIA GeForce RTX 2070"
+    assert device_name("cpu") == f"cpu: {cpu_model()} ({torch.get_num_threads()} threads)"
+    assert cpu_model() and cpu_model() != "unknown"

@@ -677,20 +677,12 @@ def _write_manifest(run: Path, target: Path, settings: Settings, rows: list[Row]
 
 
 def _device_name() -> str:
-    """The CPU model name (lscpu's "Model name"), or the CUDA device name."""
-    import platform
-
+    """The CUDA device's name, else the CPU's model name."""
     import torch
 
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from tinystory.rundir import cpu_model
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else cpu_model()
 
 
 # ------------------------------------------------------------- generation backends

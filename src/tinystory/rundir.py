@@ -40,18 +40,21 @@ def device_name(device: str) -> str:
     import torch
 
     if device == "cuda":
-        return f"cuda: {torch.cuda.getdevice_name()}"
-    name = ""
+        return f"cuda: {torch.cuda.get_device_name(0)}"
+    return f"cpu: {cpu_model()} ({torch.get_num_threads()} threads)"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what `platform` knows, else "unknown"."""
+    import platform
+
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
-        import platform
-
-        name = platform.processor()
-    return f"cpu: {name or 'unknown'} ({torch.get_num_threads()} threads)"
+        pass
+    return platform.processor() or platform.machine() or "unknown"
 
 
 def write_run_json(run_dir: Path, settings: Settings, data: PreparedData, prec: Precision, device: str,
