@@ -63,6 +63,32 @@ def write_prepared(folder: Path, tok, n_val: int = 40) -> Path:
     return folder
 
 
+class PacedGenerator:
+    """A real `Generator` whose streams wait `delay` s before each piece, so a client (an
+    HTTP test, a browser's Stop button) can act mid-story."""
+
+    def __init__(self, gen, delay: float) -> None:  # noqa: ANN001
+        self._gen, self._delay = gen, delay
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        return getattr(self._gen, name)
+
+    def stream(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+        import time
+
+        inner, delay = self._gen.stream(*args, **kwargs), self._delay
+
+        class Stream:
+            stats = inner.stats
+
+            def __iter__(self):  # noqa: ANN204
+                for piece in inner:
+                    time.sleep(delay)
+                    yield piece
+
+        return Stream()
+
+
 @pytest.fixture
 def one_thread():
     """One torch thread for the test: tiny models gain nothing from a second one, and on a

@@ -21,6 +21,7 @@ import pytest
 pytest.importorskip("fastapi", reason="needs the serve extra: pip install 'tinystory-llm[serve]'")
 pytest.importorskip("uvicorn", reason="needs the serve extra: pip install 'tinystory-llm[serve]'")
 
+from conftest import PacedGenerator  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
 from tinystory.generation import Generator, SamplingParams  # noqa: E402
@@ -69,30 +70,6 @@ def sse_payloads(lines) -> list[str]:
             assert line.startswith("data: "), line
             out.append(line[len("data: "):])
     return out
-
-
-class SlowGenerator:
-    """The real generator, slowed to `delay` s a piece, so a client can act mid-story."""
-
-    def __init__(self, gen: Generator, delay: float) -> None:
-        self._gen, self._delay = gen, delay
-
-    def __getattr__(self, name: str):
-        return getattr(self._gen, name)
-
-    def stream(self, *args, **kwargs):
-        inner = self._gen.stream(*args, **kwargs)
-        delay = self._delay
-
-        class Slow:
-            stats = inner.stats
-
-            def __iter__(self):
-                for piece in inner:
-                    time.sleep(delay)
-                    yield piece
-
-        return Slow()
 
 
 # ------------------------------------------------------------------------ the API
@@ -263,7 +240,7 @@ def test_concurrent_streams_each_get_their_own_story(generator, capfd):
                 payloads = sse_payloads(r.iter_lines())
         got[i] = "".join(json.loads(p)["choices"][0]["text"] for p in payloads[:-1])
 
-    with serve_in_thread(SlowGenerator(generator, delay=0.004), DEFAULTS) as url:  # ~0.2 s a story: they overlap
+    with serve_in_thread(PacedGenerator(generator, delay=0.004), DEFAULTS) as url:  # ~0.2 s a story: they overlap
         threads = [threading.Thread(target=one, args=(url, i)) for i in range(len(requests))]
         for t in threads:
             t.start()
@@ -278,7 +255,7 @@ def test_concurrent_streams_each_get_their_own_story(generator, capfd):
 def test_client_disconnect_stops_its_generation(generator, capfd):
     import httpx
 
-    slow = SlowGenerator(generator, delay=0.02)  # 400 tokens would take 8 s
+    slow = PacedGenerator(generator, delay=0.02)  # 400 tokens would take 8 s
     with serve_in_thread(slow, DEFAULTS) as url, httpx.Client(timeout=30) as http:
         req = {"prompt": PROMPT, "max_tokens": 400, "min_tokens": 400, "seed": 1, "stream": True}
         with http.stream("POST", f"{url}/v1/completions", json=req) as r:

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import PacedGenerator
 
 from tinystory.generation import Generator, SamplingParams
 
@@ -26,29 +27,6 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-f
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 DOCS_PNG = Path(__file__).resolve().parents[1] / "docs" / "serve.png"
 TIMEOUT_MS = 20_000
-
-
-class Paced:
-    """The real generator at `delay` s a piece, so that Stop lands mid-story."""
-
-    def __init__(self, gen: Generator, delay: float) -> None:
-        self._gen, self._delay = gen, delay
-
-    def __getattr__(self, name: str):
-        return getattr(self._gen, name)
-
-    def stream(self, *args, **kwargs):
-        inner, delay = self._gen.stream(*args, **kwargs), self._delay
-
-        class Stream:
-            stats = inner.stats
-
-            def __iter__(self):
-                for piece in inner:
-                    time.sleep(delay)
-                    yield piece
-
-        return Stream()
 
 
 @pytest.fixture
@@ -79,7 +57,7 @@ def test_page_streams_a_story_and_stops(chromium, random_run, tmp_path):
     gen = Generator.load(run or random_run, device="cpu")
     defaults = SamplingParams(max_new_tokens=256, temperature=0.8, top_p=0.9, top_k=40, seed=42)
     opening = "Once upon a time, there was a little dog named Max."
-    with serve_in_thread(Paced(gen, 0.025 if run else 0.03), defaults) as url, sync_playwright() as pw:
+    with serve_in_thread(PacedGenerator(gen, 0.025 if run else 0.03), defaults) as url, sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=chromium, args=ARGS, headless=True)
         try:
             page = browser.new_page(viewport={"width": 820, "height": 760})

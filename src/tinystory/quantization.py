@@ -18,6 +18,7 @@ Each method is a well-kept library's own path:
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -168,6 +169,7 @@ def _int8_embedding_class():  # type: ignore[no-untyped-def]
     return Int8Embedding
 
 
+@functools.cache
 def full_range_activations() -> bool:
     """Whether dynamic int8 Linear may use all 8 bits for activations on this CPU.
 
@@ -423,12 +425,11 @@ class ValData:
 def val_data(run: Path, model: Any, tok: PreTrainedTokenizerBase, settings: Settings, max_tokens: int) -> ValData:
     """The run's prepared val.bin (the data `tinystory eval` scores) capped at `max_tokens`,
     in training's block size; when that data is gone or uses another tokenizer, the bundled
-    sample's validation stories, tokenized as `prepare` stores them (BOS + text + EOS)."""
-    import gzip
-    from importlib import resources
-
+    sample's validation stories, read and cleaned as `prepare` does, stored as it stores them
+    (BOS + text + EOS)."""
     import numpy as np
 
+    from tinystory import cleaning, sources
     from tinystory.errors import TinystoryError
     from tinystory.evaluation import block_size_of, open_data, run_data_path
     from tinystory.tokenizer import token_byte_lengths
@@ -443,11 +444,13 @@ def val_data(run: Path, model: Any, tok: PreTrainedTokenizerBase, settings: Sett
     if prepared is not None:
         tokens = np.asarray(prepared.tokens("val")[:max_tokens], dtype=np.int64)
         return ValData(tokens, block, lengths, f"{prepared.path}/val.bin")
-    raw = resources.files("tinystory.sample").joinpath("valid.txt.gz").read_bytes()
+    (val,) = [src for src in sources.resolve("sample") if src.role == "val"]
     stream: list[int] = []
-    for story in gzip.decompress(raw).decode("utf-8").split("<|endoftext|>"):
-        if story.strip() and len(stream) < max_tokens:
-            stream += tok(story.strip())["input_ids"] + [tok.eos_token_id]
+    counts = cleaning.new_counts()
+    for story in cleaning.cleaned(sources.read(val, "text", "strict", counts), counts):
+        if len(stream) >= max_tokens:
+            break
+        stream += tok(story)["input_ids"] + [tok.eos_token_id]
     return ValData(np.asarray(stream[:max_tokens], dtype=np.int64), block, lengths, "bundled sample valid.txt.gz")
 
 
