@@ -37,26 +37,30 @@ def sample_stories(split: str = "train", limit: int | None = None) -> list[str]:
     return stories[:limit] if limit else stories
 
 
-def write_prepared(folder: Path, tok, n_val: int = 40) -> Path:
-    """A prepared folder in the agreed format (BOS + ids + EOS per story, uint16) of 20 train
-    and `n_val` val stories of the bundled sample, tokenized with `tok`."""
+def write_prepared(folder: Path, tok, n_val: int = 40, *, train: list[str] | None = None,  # noqa: ANN001
+                   val: list[str] | None = None, name: str = "bpe:512") -> Path:
+    """A prepared folder in the agreed format (what `tinystory prepare` writes: BOS + ids +
+    EOS per story, uint16) of `train` and `val` stories tokenized with `tok`; by default
+    20 train and `n_val` val stories of the bundled sample."""
     import json
 
     import numpy as np
 
     from tinystory.tokenizer import fingerprint
 
+    train = sample_stories("train", 20) if train is None else train
+    val = sample_stories("val", n_val) if val is None else val
     folder.mkdir(parents=True, exist_ok=True)
     splits = {}
-    for split, stories in (("train", sample_stories("train", 20)), ("val", sample_stories("val", n_val))):
-        stream = []
-        for s in stories:
-            stream += [tok.bos_token_id, *tok(s, add_special_tokens=False).input_ids, tok.eos_token_id]
+    for split, stories in (("train", train), ("val", val)):
+        stream: list[int] = []
+        for enc in tok(stories, add_special_tokens=False)["input_ids"]:
+            stream += [tok.bos_token_id, *enc, tok.eos_token_id]
         np.asarray(stream, dtype=np.uint16).tofile(folder / f"{split}.bin")
         splits[split] = {"stories": len(stories), "tokens": len(stream),
                          "bytes": sum(len(s.encode("utf-8")) for s in stories)}
-    meta = {"dtype": "uint16", "splits": splits,
-            "tokenizer": {"name": "bpe:512", "sha256": fingerprint(tok), "vocab_size": len(tok),
+    meta = {"format": 1, "dtype": "uint16", "splits": splits,
+            "tokenizer": {"name": name, "sha256": fingerprint(tok), "vocab_size": len(tok),
                           "bos_id": tok.bos_token_id, "eos_id": tok.eos_token_id}}
     (folder / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
     tok.save_pretrained(folder)

@@ -13,39 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from conftest import sample_stories
+from conftest import sample_stories, write_prepared
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def write_prepared(folder: Path, tok, train: list[str], val: list[str], name: str = "bpe:512") -> Path:
-    """A prepared folder in the agreed format (what `tinystory prepare` writes)."""
-    import numpy as np
-
-    from tinystory.tokenizer import fingerprint
-
-    folder.mkdir(parents=True, exist_ok=True)
-    splits = {}
-    for split, stories in (("train", train), ("val", val)):
-        ids: list[int] = []
-        for enc in tok(stories, add_special_tokens=False)["input_ids"]:
-            ids += [tok.bos_token_id, *enc, tok.eos_token_id]
-        arr = np.asarray(ids, dtype=np.uint16)
-        arr.tofile(folder / f"{split}.bin")
-        splits[split] = {"stories": len(stories), "tokens": len(arr), "bytes": sum(len(s.encode()) for s in stories)}
-    meta = {"format": 1, "dtype": "uint16",
-            "tokenizer": {"name": name, "sha256": fingerprint(tok), "vocab_size": len(tok), "bos_id": 1, "eos_id": 2},
-            "splits": splits}
-    (folder / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
-    tok.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="session")
 def prepared(tmp_path_factory: pytest.TempPathFactory, bpe_tokenizer) -> Path:
     """2,000 training and 200 validation stories of the sample, BPE 512 (~0.7M tokens)."""
     return write_prepared(tmp_path_factory.mktemp("prepared"), bpe_tokenizer,
-                          sample_stories("train", 2000), sample_stories("val", 200))
+                          train=sample_stories("train", 2000), val=sample_stories("val", 200))
 
 
 def tiny(prepared: Path, out: Path, **train: object):
@@ -213,7 +190,8 @@ def test_init_from_needs_the_same_tokenizer(random_run: Path, tmp_path: Path, ca
     from tinystory.tokenizer import train_bpe
 
     other = train_bpe(sample_stories("train", 100), 300)
-    data = write_prepared(tmp_path / "other", other, sample_stories("train", 50), sample_stories("val", 20), "bpe:300")
+    data = write_prepared(tmp_path / "other", other, train=sample_stories("train", 50),
+                          val=sample_stories("val", 20), name="bpe:300")
     with pytest.raises(SystemExit) as e:
         main(["train", "--profile", "tiny", "--data", str(data), "--init-from", str(random_run)])
     assert e.value.code == 1
