@@ -335,3 +335,79 @@ def test_run_json_names_the_device(monkeypatch) -> None:
     assert device_name("cuda") == "cuda: NVIDIA GeForce RTX 2070"
     assert device_name("cpu") == f"cpu: {cpu_model()} ({torch.get_num_threads()} threads)"
     assert cpu_model() and cpu_model() != "unknown"
+
+
+def test_compiled_loss_trains_the_same_model(prepared: Path, tmp_path: Path, monkeypatch) -> None:
+    """With torch_compile on one process, StoryTrainer computes the loss itself (model +
+    loss in one compiled graph, no logits out): the same losses as transformers' loss.
+    torch.compile is the identity here: the graph is inductor's job, this is the wiring."""
+    import torch
+
+    from tinystory.training import train
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    losses = {}
+    for compiled in (False, True):
+        run = train(tiny(prepared, tmp_path / str(compiled), max_steps=6, log_every=1, eval_every=0,
+                         save_every=100, precision="fp32", torch_compile=compiled))
+        losses[compiled] = [r["loss"] for r in rows(run) if "loss" in r]
+    assert len(losses[True]) == 6 and losses[True][-1] < losses[True][0]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+
+
+def test_compiled_loss_runs_under_autocast(prepared: Path, tmp_path: Path, monkeypatch) -> None:
+    """The Trainer's autocast wraps model.forward only; the compiled loss calls model.model
+    and lm_head itself, so it must enter autocast on its own (run in fp32 by mistake, it
+    was 5x slower on an H100)."""
+    import torch
+
+    from tinystory import trainer as trainer_mod
+    from tinystory.training import train
+
+    seen = []
+    real = trainer_mod.summed_loss
+
+    def spy(model, input_ids, labels):  # type: ignore[no-untyped-def]
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return real(model, input_ids, labels)
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    monkeypatch.setattr(trainer_mod, "summed_loss", spy)
+    train(tiny(prepared, tmp_path / "run", max_steps=2, log_every=1, eval_every=0, save_every=100,
+               precision="bf16", torch_compile=True))
+    assert seen == [(True, torch.bfloat16)] * 2
+
+
+def test_summed_loss_is_transformers_loss_times_tokens() -> None:
+    import torch
+
+    from tinystory.model import build_config, build_model
+    from tinystory.trainer import summed_loss
+
+    torch.manual_seed(0)
+    model = build_model(build_config("tiny", 300, 1, 2, 0))
+    ids = torch.randint(3, 300, (3, 40))
+    labels = ids.clone()
+    labels[0, 5:15] = -100  # ignored positions count neither in the sum nor in the tokens
+    n = int((labels[:, 1:] != -100).sum())
+    assert n == 3 * 39 - 10
+    with torch.no_grad():
+        assert float(summed_loss(model, ids, labels)) / n == pytest.approx(
+            float(model(input_ids=ids, labels=labels).loss), rel=1e-5)
+
+
+def test_training_args_for_the_compiled_loss_and_cuda(tmp_path: Path) -> None:
+    from tinystory.precision import Precision
+    from tinystory.settings import load_settings
+    from tinystory.trainer import training_args
+
+    s = load_settings(profile="a100", env={}).replace(train__compile_mode="reduce-overhead")
+    fp32 = Precision("fp32", "asked", {})  # bf16 arguments would need a GPU to build
+    own = training_args(s, tmp_path, fp32, "cuda", 10, [], compile_loss=True)
+    # StoryTrainer compiles model + loss in compile_mode; the Trainer must not compile again
+    assert not own.torch_compile and own.torch_compile_mode is None
+    assert own.accelerator_config.non_blocking and own.dataloader_pin_memory  # no sync per batch copy
+    ddp = training_args(s, tmp_path, fp32, "cuda", 10, [], compile_loss=False)
+    assert ddp.torch_compile and ddp.torch_compile_mode == "reduce-overhead"
+    cpu = training_args(load_settings(profile="cpu", env={}), tmp_path, Precision("fp32", "probe", {}), "cpu", 10, [])
+    assert not cpu.accelerator_config.non_blocking and cpu.torch_compile_mode is None

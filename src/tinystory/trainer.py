@@ -4,6 +4,7 @@ on top of `transformers.Trainer`, and the TrainingArguments a profile turns into
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import shutil
 import time
@@ -53,9 +54,16 @@ def trainer_class():  # type: ignore[no-untyped-def]
         """Trainer with our data order, schedule, NaN watch and bits-per-byte evaluation."""
 
         def __init__(self, *args: Any, live: Live, val: np.ndarray, byte_lengths: np.ndarray,
-                     check_every: int, **kw: Any) -> None:
+                     check_every: int, compile_loss: str | None = None, **kw: Any) -> None:
             super().__init__(*args, **kw)
             self.live, self.val, self.byte_lengths, self.check_every = live, val, byte_lengths, check_every
+            # compile_loss (a torch.compile mode): one compiled graph from token ids to the
+            # summed loss (the Trainer's own compile must then be off): no logits leave the
+            # graph, so backward gets no zero gradient for them (docs/notes/gpu.md).
+            self._loss_sum = None
+            if compile_loss:
+                mode = None if compile_loss == "default" else compile_loss
+                self._loss_sum = torch.compile(functools.partial(summed_loss, self.model), mode=mode)
             self._bad = torch.zeros((), dtype=torch.int64, device=self.args.device)
             self._n = 0
 
@@ -66,6 +74,24 @@ def trainer_class():  # type: ignore[no-untyped-def]
             if self.lr_scheduler is None:
                 self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, self.live.schedule)
             return self.lr_scheduler
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[no-untyped-def]
+            if self._loss_sum is None or return_outputs or not model.training:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            labels = inputs["labels"]
+            with self.accelerator.autocast():  # the Trainer's autocast wraps model.forward, not this
+                total = self._loss_sum(inputs["input_ids"], labels)
+            if num_items_in_batch is None:  # what the Trainer counts: labels[..., 1:] that are not -100
+                num_items_in_batch = (labels[..., 1:] != -100).sum()
+            return total / num_items_in_batch
+
+        def _get_num_items_in_batch(self, batch_samples, device):  # type: ignore[no-untyped-def]
+            if self.args.world_size > 1:
+                return super()._get_num_items_in_batch(batch_samples, device)
+            # counted on the CPU and kept a Python int: moving it to the GPU would be a blocking
+            # copy, a host-device sync in every step
+            n = super()._get_num_items_in_batch(batch_samples, torch.device("cpu"))
+            return int(n) if n is not None else None
 
         def training_step(self, model, inputs, num_items_in_batch=None):  # type: ignore[no-untyped-def]
             loss = super().training_step(model, inputs, num_items_in_batch)
@@ -106,6 +132,18 @@ def trainer_class():  # type: ignore[no-untyped-def]
     return StoryTrainer
 
 
+def summed_loss(model: PreTrainedModel, input_ids: Any, labels: Any) -> Any:
+    """Summed next-token cross-entropy (nats) of a causal LM, as transformers'
+    `ForCausalLMLoss` computes it before dividing: position t predicts labels[t + 1],
+    -100 is ignored, fp32 log-softmax. Only the scalar leaves, so under torch.compile
+    the logits never become a graph output."""
+    import torch.nn.functional as F
+
+    hidden = model.model(input_ids=input_ids).last_hidden_state[:, :-1]  # (B, T-1, h)
+    logits = model.lm_head(hidden)  # (B, T-1, V)
+    return F.cross_entropy(logits.float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum")
+
+
 def save_best(model: PreTrainedModel, live: Live) -> None:
     """The best model so far into checkpoints/best (swapped in whole, never half-written)."""
     best = live.run_dir / "checkpoints" / "best"
@@ -122,8 +160,9 @@ def save_best(model: PreTrainedModel, live: Live) -> None:
 
 
 def training_args(settings: Settings, run_dir: Path, prec: Precision, device: str, max_steps: int,
-                  report_to: list[str]) -> Any:
-    """The TrainingArguments for `settings.train` (checkpoints go to run_dir/checkpoints)."""
+                  report_to: list[str], compile_loss: bool = False) -> Any:
+    """The TrainingArguments for `settings.train` (checkpoints go to run_dir/checkpoints).
+    With `compile_loss` the StoryTrainer compiles model + loss itself, so the Trainer does not."""
     from transformers import TrainingArguments
 
     t = settings.train
@@ -148,7 +187,9 @@ def training_args(settings: Settings, run_dir: Path, prec: Precision, device: st
             fp16=prec.name == "fp16",
             use_cpu=device == "cpu",
             activation_checkpointing=t.activation_checkpointing,
-            torch_compile=compile_ok(t.torch_compile, device),
+            torch_compile=not compile_loss and compile_ok(t.torch_compile, device),
+            # a mode turns the Trainer's compile on by itself: only when it compiles
+            torch_compile_mode=None if compile_loss or t.compile_mode == "default" else t.compile_mode,
             eval_strategy="steps" if evaluating else "no",
             eval_steps=t.eval_every if evaluating else None,
             metric_for_best_model="eval_loss",
@@ -170,6 +211,8 @@ def training_args(settings: Settings, run_dir: Path, prec: Precision, device: st
             disable_tqdm=True,
             save_only_model=False,
             restore_callback_states_from_checkpoint=True,  # early-stopping patience survives a resume
+            # batches reach the GPU as non-blocking copies from pinned memory: no sync per step
+            accelerator_config={"non_blocking": device == "cuda"},
         )
 
 

@@ -299,7 +299,7 @@ def _train(settings: Settings, run_dir: Path, ckpt: Path | None, data: PreparedD
     from tinystory.model import count_parameters
     from tinystory.precision import peak_flops
     from tinystory.tokenizer import token_byte_lengths
-    from tinystory.trainer import trainer_class, training_args
+    from tinystory.trainer import compile_ok, trainer_class, training_args
 
     hf_logging.disable_progress_bar()  # "Writing model shards" bars at every save
     t = settings.train
@@ -325,10 +325,14 @@ def _train(settings: Settings, run_dir: Path, ckpt: Path | None, data: PreparedD
         _start_run_dir(settings, run_dir, ckpt)
         write_run_json(run_dir, settings, data, prec, device, live, None, "running", init_from)
     report_to = _wandb(settings, run_dir)
-    args = training_args(settings, run_dir, prec, device, max_steps, report_to)
+    # compiled: model + loss as one graph (StoryTrainer.compute_loss), where one process
+    # trains; under DDP the Trainer compiles the wrapped model (its hooks sync gradients)
+    compile_loss = compile_ok(t.torch_compile, device) and world == 1
+    args = training_args(settings, run_dir, prec, device, max_steps, report_to, compile_loss)
     trainer = trainer_class()(
         model=model, args=args, train_dataset=train_ds, eval_dataset=BlockDataset(val, t.block_size),
         data_collator=default_data_collator, processing_class=tok,
+        compile_loss=t.compile_mode if compile_loss else None,
         live=live, val=val, byte_lengths=token_byte_lengths(tok),
         check_every=1 if device == "cpu" else max(1, t.log_every * t.grad_accum))
     stop, early = _callbacks(trainer, live, settings, bool(report_to))
