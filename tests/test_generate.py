@@ -360,6 +360,18 @@ def test_static_cache_path_matches_the_dynamic_one(bpe_tokenizer, monkeypatch, w
         assert eager.last_stats.token_ids == static.last_stats.token_ids
 
 
+def test_compile_default_is_cuda_only(trained_run: Path):
+    from tinystory.errors import SettingsError
+    from tinystory.generation_hf import pick_compile
+
+    assert [pick_compile(d, c) for d in ("cpu", "cuda") for c in (None, "auto")] == [False, False, True, True]
+    assert (pick_compile("cpu", "on"), pick_compile("cuda", "off"), pick_compile("cuda", False)) == (True, False, False)
+    with pytest.raises(SettingsError, match="unknown generate.compile 'yes'"):
+        pick_compile("cpu", "yes")
+    if not torch.cuda.is_available():
+        assert not Generator.load(trained_run).backend.compile  # a CPU decodes eagerly by default
+
+
 def test_threads_by_model_size(monkeypatch):
     from tinystory.generation_hf import default_threads
 
@@ -373,11 +385,12 @@ def test_threads_by_model_size(monkeypatch):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_default_and_compiled_paths(trained_run: Path):
-    gen = Generator.load(trained_run)  # auto: CUDA, bf16 (fp16 before Ampere)
+    gen = Generator.load(trained_run)  # auto: CUDA, bf16 (fp16 before Ampere), compiled decode step
     assert gen.device == "cuda" and gen.dtype == ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
-    fp32 = Generator.load(trained_run, dtype="fp32")
-    assert fp32.generate(PROMPT, GREEDY) == GOLDEN
-    compiled = Generator.load(trained_run, dtype="fp32", compile=True)
+    assert gen.backend.compile
+    fp32 = Generator.load(trained_run, dtype="fp32", compile="off")
+    assert not fp32.backend.compile and fp32.generate(PROMPT, GREEDY) == GOLDEN
+    compiled = Generator.load(trained_run, dtype="fp32")
     for _ in range(2):  # the second run reuses the compiled step and its cache
         assert compiled.generate(PROMPT, GREEDY) == GOLDEN
     params = SamplingParams(max_new_tokens=40, seed=3)

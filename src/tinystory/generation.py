@@ -217,7 +217,7 @@ def run_name(path: Path) -> str:
 
 
 def _load_backend(path: Path, device: str = "auto", dtype: str = "auto", threads: int = 0,
-                  compile: bool = False) -> Backend:
+                  compile: bool | str | None = None) -> Backend:
     """The registration point: pick the backend class for a resolved local path.
 
     `.gguf` files and folders with `quantization.json` belong to `tinystory.quantization`
@@ -269,11 +269,11 @@ class Generator:
 
     @classmethod
     def load(cls, run: str | Path | None = None, device: str = "auto", dtype: str = "auto",
-             threads: int = 0, compile: bool = False) -> Generator:
+             threads: int = 0, compile: bool | str | None = None) -> Generator:
         """Load a run dir, checkpoint, int8 folder, .gguf file, hub id, or (None) the latest run.
 
-        compile: a compiled decode step with a static cache (transformers models only;
-        pays off in long-lived processes, see HFBackend)."""
+        compile: a compiled decode step with a static cache (transformers models only, see
+        HFBackend); None or "auto" = on CUDA, off on a CPU; "on"/"off" or a bool force it."""
         from tinystory.runs import resolve_run
 
         return cls(_load_backend(resolve_run(run), device=device, dtype=dtype, threads=threads, compile=compile))

@@ -122,9 +122,11 @@ def decode_loop(
 class HFBackend(HFTokenizerMixin, Backend):
     """A transformers causal LM (run dir, checkpoint, hub snapshot) in fp32/bf16/fp16.
 
-    Default: a DynamicCache and eager steps, the fastest for one story (CPU and CUDA).
+    compile=False: a DynamicCache and eager steps, the fastest for one story on a CPU.
     compile=True: a StaticCache as long as the context and a `torch.compile`d decode step
-    (CUDA graphs on CUDA), worth its warm-up only in a long-lived process such as serve.
+    (CUDA graphs on CUDA). `from_pretrained` turns it on for CUDA: on an H100 the 40M model
+    decoded 69-111 tok/s eagerly (each step waits on Python and kernel launches) and
+    4-6x that compiled (benchmarks/bench_gpu.py, docs/notes/gpu.md).
     """
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str,
@@ -150,12 +152,14 @@ class HFBackend(HFTokenizerMixin, Backend):
 
     @classmethod
     def from_pretrained(cls, path: Path, device: str = "auto", dtype: str = "auto", threads: int = 0,
-                        name: str | None = None, compile: bool = False) -> HFBackend:
-        """Load a model folder (config.json + safetensors) and the tokenizer beside it."""
+                        name: str | None = None, compile: bool | str | None = None) -> HFBackend:
+        """Load a model folder (config.json + safetensors) and the tokenizer beside it.
+        compile: see `pick_compile` (None/"auto": on CUDA only)."""
         import torch
         from transformers import AutoModelForCausalLM
 
         device = pick_device(device)
+        compile = pick_compile(device, compile)
         dtype = pick_dtype(device, dtype)
         threads = set_threads(device, threads, path)
         tokenizer = find_tokenizer(path)
@@ -215,6 +219,18 @@ def pick_device(device: str) -> str:
     if device not in ("cpu", "cuda"):
         raise SettingsError(f"unknown device {device!r}", "use auto, cpu or cuda")
     return device
+
+
+def pick_compile(device: str, compile: bool | str | None) -> bool:
+    """`generate.compile`: "auto"/None -> on CUDA (the fastest decoding measured there),
+    off on a CPU (compiling takes longer than a story); "on"/"off" or a bool as given."""
+    if compile is None or compile == "auto":
+        return device == "cuda"
+    if isinstance(compile, bool):
+        return compile
+    if compile not in ("on", "off"):
+        raise SettingsError(f"unknown generate.compile {compile!r}", "use auto, on or off")
+    return compile == "on"
 
 
 def pick_dtype(device: str, dtype: str) -> str:

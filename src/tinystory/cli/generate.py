@@ -75,7 +75,7 @@ def generate(
     g = settings.generate
     if g.num_samples < 1:
         raise SettingsError("num_samples must be at least 1", "e.g. --num-samples 3")
-    gen = Generator.load(run, device=g.device, dtype=g.dtype, threads=g.threads)
+    gen = Generator.load(run, device=g.device, dtype=g.dtype, threads=g.threads, compile=g.compile)
     params = SamplingParams.from_settings(settings, gen.defaults, greedy=greedy or None)
     info(f"model {gen.describe()}")
     info(f"sampling {params.describe()}")

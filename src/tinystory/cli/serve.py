@@ -44,6 +44,6 @@ def serve(
     from tinystory.generation import Generator, SamplingParams
 
     g = settings.generate
-    generator = Generator.load(run, device=g.device, dtype=g.dtype, threads=g.threads)
+    generator = Generator.load(run, device=g.device, dtype=g.dtype, threads=g.threads, compile=g.compile)
     defaults = SamplingParams.from_settings(settings, generator.defaults)
     run_server(generator, defaults, settings.serve.host, settings.serve.port)
