@@ -45,9 +45,9 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-PARTS = ("peak", "rtx2070", "seed", "big", "plain", "generate", "quant", "quality")
+PARTS = ("peak", "rtx2070", "seed", "big", "plain", "generate", "quant", "quality", "profile")
 CAP_S = {"peak": 60, "rtx2070": 180, "seed": 150, "big": 200, "plain": 150, "generate": 240, "quant": 180,
-         "quality": 600}  # seconds a part may take (quality: its minutes + eval and stories)
+         "quality": 600, "profile": 240}  # seconds a part may take (quality: its minutes + eval and stories)
 GIB = 2**30
 PROMPT = "Once upon a time"
 TARGETS = {"rtx2070_vs_seed": 5.0, "big_vs_plain": 1.2, "plan_error": 0.20}
@@ -133,6 +133,11 @@ def rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
              _plan_note(d.get("big_plan_error"), eager_only=True)))
     if "big_vs_plain" in d:
         add(("big", "vs plain loop", f"{d['big_vs_plain']:.2f}x", _verdict(d["big_vs_plain"], 1.2)))
+    plain_tok_s = (results.get("plain") or {}).get("tok_s")
+    for tag, v in (results.get("variants") or {}).items():
+        sets = " ".join(f"{k}={val}" for k, val in (v.get("overrides") or {}).items())
+        ratio = f", {v['tok_s'] / plain_tok_s:.2f}x plain" if plain_tok_s and v.get("tok_s") else ""
+        add(("variant", f"{tag}: {sets}", _num(v.get("tok_s")), f"peak {_gib(v.get('peak_allocated'))}{ratio}"))
     for r in (results.get("generate") or {}).get("rows", []):
         add(("generate", f"{r['dtype']} {r['path']}", _num(r.get("tok_s")) + " tok/s", r.get("error", "")))
     if "fastest_generation" in d:
@@ -174,6 +179,7 @@ def render(results: dict[str, Any]) -> Any:
 def merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     """Parts measured now replace the same parts of an earlier file; the rest is kept."""
     merged = {**old, **{k: v for k, v in new.items() if k != "errors"}}
+    merged["variants"] = {**(old.get("variants") or {}), **(new.get("variants") or {})}
     errors = {k: v for k, v in (old.get("errors") or {}).items() if k not in new}
     errors.update(new.get("errors") or {})
     merged["errors"] = errors
@@ -277,10 +283,10 @@ def ts_reload(path: Path) -> Any:
     return quantization.load_quantized(path)[0]
 
 
-def ts_generator(run: Path, dtype: str, device: str) -> Any:
+def ts_generator(run: Path, dtype: str, device: str, compile: bool | None = None) -> Any:
     from tinystory.generation import Generator
 
-    return Generator.load(str(run), device=device, dtype=dtype)
+    return Generator.load(str(run), device=device, dtype=dtype, compile=compile)
 
 
 def ts_decode(gen: Any, n: int, greedy: bool = True, seed: int = 0) -> tuple[str, Any]:
@@ -337,7 +343,26 @@ def _smoke(a: argparse.Namespace, profile: str) -> dict[str, Any]:
                 train__dataloader_workers=0)
 
 
-def _train_part(a: argparse.Namespace, profile: str, name: str, steps: int, cap_gib: float = 0) -> dict[str, Any]:
+def overrides(pairs: list[str]) -> dict[str, Any]:
+    """`--set train.attention=eager` pairs -> settings.replace() keywords (values parsed as
+    TOML scalars: numbers, true/false, else the string)."""
+    import tomllib
+
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or "." not in key:
+            raise SystemExit(f"--set {pair!r}: use SECTION.KEY=VALUE, e.g. train.attention=eager")
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        out[key.replace(".", "__")] = value
+    return out
+
+
+def _train_part(a: argparse.Namespace, profile: str, name: str, steps: int, cap_gib: float = 0,
+                extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Our `tinystory train` for `steps` steps: throughput, loss, memory against the plan."""
     import torch
 
@@ -346,7 +371,7 @@ def _train_part(a: argparse.Namespace, profile: str, name: str, steps: int, cap_
                            train__max_steps=steps, train__eval_every=0, train__save_every=100_000,
                            train__log_every=max(1, steps // 20), train__wandb="off",
                            train__warmup_steps=min(20, steps // 4), train__early_stopping_patience=0,
-                           **_smoke(a, profile))
+                           **{**_smoke(a, profile), **(extra or {})})
     t0 = time.perf_counter()
     run = ts_train(settings)
     wall = time.perf_counter() - t0
@@ -359,7 +384,8 @@ def _train_part(a: argparse.Namespace, profile: str, name: str, steps: int, cap_
             "tok_s": throughput(metrics), "wall_s": wall, "loss_first": losses[0], "loss_last": losses[-1],
             "parameters": plan.parameters, "cap_bytes": cap, **mem,
             "plan_peak_allocated": plan.peak_allocated_bytes, "plan_total": plan.total_bytes,
-            "plan_fits": plan.fits, "plan_phase": plan.peak_phase, "run_dir": str(run)}
+            "plan_fits": plan.fits, "plan_phase": plan.peak_phase, "run_dir": str(run),
+            "overrides": {k.replace("__", "."): v for k, v in (extra or {}).items()}}
 
 
 def part_peak(a: argparse.Namespace) -> dict[str, Any]:
@@ -386,7 +412,68 @@ def part_rtx2070(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def part_big(a: argparse.Namespace) -> dict[str, Any]:
-    return _train_part(a, "a100", "big", a.big_steps)
+    """The a100 profile as shipped, or with --set overrides (then stored as variant --tag)."""
+    return _train_part(a, "a100", f"big-{a.tag}" if a.tag else "big", a.big_steps, extra=overrides(a.set))
+
+
+def part_profile(a: argparse.Namespace) -> dict[str, Any]:
+    """torch.profiler over a few steady steps of our a100 run (with --set overrides) and of
+    the plain loop: the kernels where the time goes, as tables in --work/profile-*.txt."""
+    import cProfile
+    import io
+    import pstats
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from tinystory import trainer as trainer_mod
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    first, n = 30, 5
+    tables: dict[str, str] = {}
+    make = trainer_mod.trainer_class
+
+    def profiled_class():  # type: ignore[no-untyped-def]
+        base = make()
+
+        class Profiled(base):  # type: ignore[misc,valid-type]
+            def training_step(self, *args: Any, **kw: Any) -> Any:
+                step = self.state.global_step
+                if step == first:
+                    _sync()
+                    self._prof = profile(activities=acts)
+                    self._prof.__enter__()
+                if step == first + n:  # the Python of the whole loop (Trainer, callbacks), 10 steps
+                    _sync()
+                    self._t0, self._py = time.perf_counter(), cProfile.Profile()
+                    self._py.enable()
+                out = super().training_step(*args, **kw)
+                if step == first + n - 1:
+                    _sync()
+                    self._prof.__exit__(None, None, None)
+                    avg = self._prof.key_averages()
+                    tables["ours"] = avg.table(sort_by=sort, row_limit=45, max_name_column_width=70)
+                    tables["ours-cpu"] = avg.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=70)
+                if step == first + n + 9:
+                    _sync()
+                    self._py.disable()
+                    buf = io.StringIO()
+                    pstats.Stats(self._py, stream=buf).sort_stats("cumulative").print_stats(60)
+                    tables["ours-python"] = f"10 steps, {time.perf_counter() - self._t0:.3f} s wall\n" + buf.getvalue()
+                return out
+
+        return Profiled
+
+    trainer_mod.trainer_class = profiled_class
+    _train_part(a, "a100", "profile", first + n + 12, extra=overrides(a.set))
+    tables["plain"] = part_plain(a, profile_steps=(acts, sort, n))["profile_table"]
+    out = {}
+    for name, text in tables.items():
+        path = Path(a.work) / f"profile-{name}.txt"
+        path.write_text(text)
+        out[name] = str(path)
+    return out
 
 
 def part_seed(a: argparse.Namespace) -> dict[str, Any]:
@@ -451,7 +538,7 @@ def part_seed(a: argparse.Namespace) -> dict[str, Any]:
             "loss_first": losses[0], "loss_last": losses[-1]}
 
 
-def part_plain(a: argparse.Namespace) -> dict[str, Any]:
+def part_plain(a: argparse.Namespace, profile_steps: tuple[Any, str, int] | None = None) -> dict[str, Any]:
     """nanoGPT/llama2.c style: compiled model + loss, bf16 autocast, fused AdamW, random blocks."""
     import numpy as np
     import torch
@@ -494,6 +581,15 @@ def part_plain(a: argparse.Namespace) -> dict[str, Any]:
     for _ in range(a.plain_warmup - 1):
         step()
     _sync()
+    if profile_steps:
+        from torch.profiler import profile
+
+        acts, sort, n = profile_steps
+        with profile(activities=acts) as prof:
+            for _ in range(n):
+                step()
+            _sync()
+        return {"profile_table": prof.key_averages().table(sort_by=sort, row_limit=45, max_name_column_width=70)}
     t0 = time.perf_counter()
     for _ in range(a.plain_steps):
         last = step()
@@ -520,18 +616,21 @@ def part_generate(a: argparse.Namespace) -> dict[str, Any]:
     run, n = _model_run(a), a.gen_tokens
     out: list[dict[str, Any]] = []
     for dtype in ("fp16", "bf16") if cuda else ("fp32",):
-        out.append(_time_generator(run, dtype, n))
-        out += _time_hf_generate(run, dtype, n)
+        out += [_time_generator(run, dtype, n, compile) for compile in (False, True)]
+        if a.gen_paths == "all":
+            out += _time_hf_generate(run, dtype, n)
         torch.cuda.empty_cache() if cuda else None
     return {"run": str(run), "new_tokens": n, "rows": out}
 
 
-def _time_generator(run: Path, dtype: str, n: int) -> dict[str, Any]:
-    """tinystory's own decoding loop (`Generator`, dynamic cache, eager)."""
+def _time_generator(run: Path, dtype: str, n: int, compile: bool) -> dict[str, Any]:
+    """tinystory's own decoding loop (`Generator`): eager with a dynamic cache, or its
+    compiled static-cache step (the CUDA default)."""
     import torch
 
-    gen = ts_generator(run, dtype, "cuda" if torch.cuda.is_available() else "cpu")
-    return {"dtype": dtype, "path": "tinystory Generator", **_timed(lambda: ts_decode(gen, n)[1].seconds, n)}
+    gen = ts_generator(run, dtype, "cuda" if torch.cuda.is_available() else "cpu", compile)
+    path = "tinystory Generator " + ("static cache + compile" if compile else "eager")
+    return {"dtype": dtype, "path": path, **_timed(lambda: ts_decode(gen, n)[1].seconds, n, warm=2 if compile else 1)}
 
 
 def _time_hf_generate(run: Path, dtype: str, n: int) -> list[dict[str, Any]]:
@@ -607,7 +706,7 @@ def part_quality(a: argparse.Namespace) -> dict[str, Any]:
 
     settings = ts_settings("a100", train__data=a.data, train__out=str(Path(a.work) / "quality-run"),
                            train__minutes=a.quality_minutes, train__eval_every=50, train__save_every=100_000,
-                           train__log_every=25, train__wandb="off", **_smoke(a, "a100"))
+                           train__log_every=25, train__wandb="off", **{**_smoke(a, "a100"), **overrides(a.set)})
     t0 = time.perf_counter()
     run = ts_train(settings)
     wall = time.perf_counter() - t0
@@ -639,7 +738,7 @@ def _find(d: Any, key: str) -> Any:
 
 
 PART_FUNCS = {"peak": part_peak, "rtx2070": part_rtx2070, "seed": part_seed, "big": part_big, "plain": part_plain,
-              "generate": part_generate, "quant": part_quant, "quality": part_quality}
+              "generate": part_generate, "quant": part_quant, "quality": part_quality, "profile": part_profile}
 
 
 # ========================================================================= orchestration
@@ -697,8 +796,10 @@ def run_part(name: str, a: argparse.Namespace, timeout: float) -> dict[str, Any]
     out.unlink(missing_ok=True)
     cmd = [sys.executable, __file__, "--part", name, "--data", a.data, "--work", a.work,
            "--quality-minutes", str(a.quality_minutes)] + (["--smoke"] if a.smoke else [])
-    for k in ("rtx_steps", "seed_steps", "big_steps", "plain_steps", "plain_warmup", "gen_tokens"):
+    for k in ("rtx_steps", "seed_steps", "big_steps", "plain_steps", "plain_warmup", "gen_tokens", "gen_paths", "tag"):
         cmd += [f"--{k.replace('_', '-')}", str(getattr(a, k))]
+    for pair in a.set:
+        cmd += ["--set", pair]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, start_new_session=True)
     try:
@@ -732,6 +833,11 @@ def main() -> int:
     ap.add_argument("--plain-steps", type=int, default=50)
     ap.add_argument("--plain-warmup", type=int, default=10)
     ap.add_argument("--gen-tokens", type=int, default=128)
+    ap.add_argument("--gen-paths", default="all", choices=("all", "ours"),
+                    help="generate: tinystory's Generator and transformers' generate() paths, or ours alone")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="settings override for big, profile and quality (repeatable), e.g. train.attention=eager")
+    ap.add_argument("--tag", default="", help="store big's result as this variant (with --set)")
     ap.add_argument("--part", help=argparse.SUPPRESS)  # internal: run one part in this process
     a = ap.parse_args()
     if a.make_data:
@@ -785,8 +891,11 @@ def orchestrate(a: argparse.Namespace) -> int:
             continue
         print(f"== {name} (up to {timeout:.0f} s)", file=sys.stderr, flush=True)
         result = run_part(name, a, timeout)
+        key = f"big-{a.tag}" if name == "big" and a.tag else name
         if "error" in result:
-            results["errors"][name] = result["error"]
+            results["errors"][key] = result["error"]
+        elif key != name:
+            results.setdefault("variants", {})[a.tag] = result
         else:
             results[name] = result
     results["wall_s"] = time.perf_counter() - start

@@ -133,3 +133,23 @@ def test_importing_the_bench_imports_no_torch():
             "print('torch' in sys.modules, 'transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+def test_set_overrides_and_variants(bench, tmp_path):
+    assert bench.overrides(["train.attention=eager", "train.batch_size=128", "train.torch_compile=false"]) == {
+        "train__attention": "eager", "train__batch_size": 128, "train__torch_compile": False}
+    with pytest.raises(SystemExit, match="use SECTION.KEY=VALUE"):
+        bench.overrides(["batch_size=3"])
+    first = fake()
+    first["variants"] = {"cudagraphs": {"tok_s": 668_000.0, "peak_allocated": 16 * 2**30,
+                                        "overrides": {"train.compile_mode": "reduce-overhead"}}}
+    path = bench.write_results(first, tmp_path)
+    # a later call adds another variant: both are kept, each against the plain loop
+    bench.write_results({"device": first["device"], "variants": {"b128": {"tok_s": 910_000.0, "overrides": {
+        "train.batch_size": 128}}}, "errors": {}}, tmp_path)
+    saved = json.loads(path.read_text())
+    assert set(saved["variants"]) == {"cudagraphs", "b128"}
+    table = {(p, m): (v, n) for p, m, v, n in bench.rows(saved)}
+    assert table[("variant", "cudagraphs: train.compile_mode=reduce-overhead")] == ("668,000",
+                                                                                   "peak 16.00 GiB, 1.03x plain")
+    assert table[("variant", "b128: train.batch_size=128")] == ("910,000", "peak -, 1.40x plain")
