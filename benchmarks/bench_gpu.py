@@ -12,12 +12,18 @@ stay separate, and a failing part cannot take the others down):
   big       `tinystory train --profile a100`: tokens/s, MFU, peak memory against the plan
   plain     a plain compiled PyTorch loop (nanoGPT style) over the same model and data:
             bf16 autocast, fused AdamW, random 512-token blocks, the a100 batch
-  generate  decoding tokens/s, fp16 and bf16: tinystory's Generator, transformers'
-            generate() with the dynamic cache, the static cache, static cache + compile
+  generate  decoding tokens/s, fp16 and bf16: tinystory's Generator (eager, and its
+            compiled static-cache step, the CUDA default), transformers' generate() with
+            the dynamic cache, the static cache, static cache + compile
   quant     bnb-int8 and bnb-nf4 through `tinystory.quantization`: size, val bits per
             byte, tokens/s against the fp16 model on CUDA
   quality   `tinystory train --profile a100 --minutes M` on the whole training text, then
             bits per byte on the whole validation split and two stories
+  profile   (only when named) torch.profiler tables of a few steady steps of the a100 run
+            and of the plain loop, and a cProfile of the Trainer loop: --work/profile-*.txt
+
+`--set KEY=VALUE` (repeatable) changes the a100 settings of big, profile and quality;
+with `--tag NAME`, big's result is stored as a variant beside the shipped profile's.
 
     python benchmarks/bench_gpu.py --make-data .devdata/gpu-data.tgz   # here, once: the data to carry
     python benchmarks/bench_gpu.py --data .devdata/gpu-data.tgz        # on the GPU: all parts, 9.5 min budget
@@ -821,7 +827,7 @@ def main() -> int:
     ap.add_argument("--make-data", metavar="TGZ", help="prepare --source with the Mistral tokenizer into TGZ and exit")
     ap.add_argument("--source", default=str(HERE.parents[1] / "shared" / "data" / "tinystories"),
                     help="text for --make-data (default: ../shared/data/tinystories)")
-    ap.add_argument("--parts", default="all", help=f"comma list of {', '.join(PARTS)} (default all)")
+    ap.add_argument("--parts", default="all", help=f"comma list of {', '.join(PARTS)} (default all but profile)")
     ap.add_argument("--time-budget", type=float, default=570, help="seconds for the whole command")
     ap.add_argument("--quality-minutes", type=float, default=8.0, help="training minutes of the quality part (at most)")
     ap.add_argument("--work", default="/tmp/tinystory-gpu-bench", help="scratch folder (runs, quantized models)")
@@ -868,7 +874,8 @@ def _environment(a: argparse.Namespace) -> None:
 
 
 def orchestrate(a: argparse.Namespace) -> int:
-    parts = list(PARTS) if a.parts == "all" else [p.strip() for p in a.parts.split(",") if p.strip()]
+    parts = [p for p in PARTS if p != "profile"] if a.parts == "all" else [
+        p.strip() for p in a.parts.split(",") if p.strip()]
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
         sys.exit(f"unknown part(s) {', '.join(unknown)}: use {', '.join(PARTS)}")
