@@ -411,3 +411,28 @@ def test_training_args_for_the_compiled_loss_and_cuda(tmp_path: Path) -> None:
     assert ddp.torch_compile and ddp.torch_compile_mode == "reduce-overhead"
     cpu = training_args(load_settings(profile="cpu", env={}), tmp_path, Precision("fp32", "probe", {}), "cpu", 10, [])
     assert not cpu.accelerator_config.non_blocking and cpu.torch_compile_mode is None
+
+
+@pytest.mark.slow
+def test_compiled_loss_resumes_exactly(prepared: Path, tmp_path: Path) -> None:
+    """Real inductor on the CPU: the compiled loss holds the model it was built on, so a
+    resumed run must train the weights the checkpoint restored (same losses as without a stop)."""
+    import shutil
+
+    from tinystory.training import train
+
+    def settings(out: Path):  # type: ignore[no-untyped-def]
+        return tiny(prepared, out, max_steps=12, torch_compile=True, eval_every=0, save_every=4,
+                    keep_checkpoints=5, log_every=2, precision="fp32")
+
+    run = train(settings(tmp_path / "whole"))
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run, resumed)
+    for name in ("checkpoint-8", "checkpoint-12"):
+        shutil.rmtree(resumed / "checkpoints" / name)
+    (resumed / "model.safetensors").unlink()
+    train(settings(resumed), resume=True)
+    before = {r["step"]: r["loss"] for r in rows(run) if "loss" in r}
+    after = {r["step"]: r["loss"] for r in rows(resumed) if "loss" in r}
+    assert sorted(after) == [2, 4, 6, 8, 10, 12] and after[12] < after[2]
+    assert [after[s] for s in (6, 8, 10, 12)] == pytest.approx([before[s] for s in (6, 8, 10, 12)], rel=1e-5)
