@@ -403,11 +403,11 @@ def test_training_args_for_the_compiled_loss_and_cuda(tmp_path: Path) -> None:
 
     s = load_settings(profile="a100", env={}).replace(train__compile_mode="reduce-overhead")
     fp32 = Precision("fp32", "asked", {})  # bf16 arguments would need a GPU to build
-    own = training_args(s, tmp_path, fp32, "cuda", 10, [], compile_loss=True)
+    own = training_args(s, tmp_path, fp32, "cuda", 10, [], compile_loss="reduce-overhead")
     # StoryTrainer compiles model + loss in compile_mode; the Trainer must not compile again
     assert not own.torch_compile and own.torch_compile_mode is None
     assert own.accelerator_config.non_blocking and own.dataloader_pin_memory  # no sync per batch copy
-    ddp = training_args(s, tmp_path, fp32, "cuda", 10, [], compile_loss=False)
+    ddp = training_args(s, tmp_path, fp32, "cuda", 10, [], compile_loss=None)
     assert ddp.torch_compile and ddp.torch_compile_mode == "reduce-overhead"
     cpu = training_args(load_settings(profile="cpu", env={}), tmp_path, Precision("fp32", "probe", {}), "cpu", 10, [])
     assert not cpu.accelerator_config.non_blocking and cpu.torch_compile_mode is None
@@ -436,3 +436,21 @@ def test_compiled_loss_resumes_exactly(prepared: Path, tmp_path: Path) -> None:
     after = {r["step"]: r["loss"] for r in rows(resumed) if "loss" in r}
     assert sorted(after) == [2, 4, 6, 8, 10, 12] and after[12] < after[2]
     assert [after[s] for s in (6, 8, 10, 12)] == pytest.approx([before[s] for s in (6, 8, 10, 12)], rel=1e-5)
+
+
+def test_no_cpu_compiler_warns_once_and_trains_eagerly(monkeypatch, capsys) -> None:
+    import shutil
+
+    from tinystory import trainer
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.delenv("CXX", raising=False)
+    trainer._cpu_can_compile.cache_clear()
+    try:
+        assert [trainer.compile_ok(True, "cpu") for _ in range(2)] == [False, False]
+        assert trainer.compile_ok(True, "cuda") and not trainer.compile_ok(False, "cpu")
+    finally:
+        trainer._cpu_can_compile.cache_clear()
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert lines == ["warning: torch.compile needs a C++ compiler on a CPU (none found): training without it, "
+                     "~10% slower"]

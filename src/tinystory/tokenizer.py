@@ -147,8 +147,7 @@ def describe_files(folder: str | Path) -> TokenizerFiles:
     """A `TokenizerFiles` for a folder written by `save` (or `save_pretrained`), from the JSON
     alone (no tokenizer is built: `prepare` starts its workers sooner)."""
     folder = Path(folder)
-    text = (folder / "tokenizer.json").read_text(encoding="utf-8")
-    data = json.loads(text)
+    data = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
     config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
     vocab = data["model"].get("vocab") or {}
     ids = dict(vocab) if isinstance(vocab, dict) else {piece: i for i, (piece, _) in enumerate(vocab)}  # BPE | Unigram
@@ -207,11 +206,7 @@ def save(tokenizer: PreTrainedTokenizerBase, path: str | Path) -> None:
 
 def fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     """sha256 of the tokenizer's canonical JSON: equal iff the two tokenize the same way."""
-    return _sha256_of_json(tokenizer.backend_tokenizer.to_str())
-
-
-def _sha256_of_json(text: str) -> str:
-    return _sha256_of(json.loads(text))
+    return _sha256_of(json.loads(tokenizer.backend_tokenizer.to_str()))
 
 
 def _sha256_of(data: object) -> str:

@@ -139,8 +139,8 @@ def summed_loss(model: PreTrainedModel, input_ids: Any, labels: Any) -> Any:
     the logits never become a graph output."""
     import torch.nn.functional as F
 
-    hidden = model.model(input_ids=input_ids).last_hidden_state[:, :-1]  # (B, T-1, h)
-    logits = model.lm_head(hidden)  # (B, T-1, V)
+    hidden = model.get_decoder()(input_ids=input_ids).last_hidden_state[:, :-1]  # (B, T-1, h)
+    logits = model.get_output_embeddings()(hidden)  # (B, T-1, V)
     return F.cross_entropy(logits.float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum")
 
 
@@ -160,9 +160,10 @@ def save_best(model: PreTrainedModel, live: Live) -> None:
 
 
 def training_args(settings: Settings, run_dir: Path, prec: Precision, device: str, max_steps: int,
-                  report_to: list[str], compile_loss: bool = False) -> Any:
+                  report_to: list[str], compile_loss: str | None = None) -> Any:
     """The TrainingArguments for `settings.train` (checkpoints go to run_dir/checkpoints).
-    With `compile_loss` the StoryTrainer compiles model + loss itself, so the Trainer does not."""
+    With `compile_loss` (a compile mode) the StoryTrainer compiles model + loss itself, so
+    the Trainer does not."""
     from transformers import TrainingArguments
 
     t = settings.train
@@ -242,13 +243,16 @@ def optimizer_name(settings: Settings, device: str) -> str:
 
 def compile_ok(asked: bool, device: str) -> bool:
     """torch.compile when asked and it can work here: on a CPU, inductor needs a C++
-    compiler (and does not run on Windows), so without one we warn and train eagerly."""
+    compiler (and does not run on Windows), so without one we warn (once) and train eagerly."""
+    return asked and (device != "cpu" or _cpu_can_compile())
+
+
+@functools.cache
+def _cpu_can_compile() -> bool:
     import os
     import shutil
     import sys
 
-    if not asked or device != "cpu":
-        return asked
     if sys.platform == "win32":
         console.warn("torch.compile does not run on Windows CPUs here: training without it")
         return False

@@ -327,12 +327,11 @@ def _train(settings: Settings, run_dir: Path, ckpt: Path | None, data: PreparedD
     report_to = _wandb(settings, run_dir)
     # compiled: model + loss as one graph (StoryTrainer.compute_loss), where one process
     # trains; under DDP the Trainer compiles the wrapped model (its hooks sync gradients)
-    compile_loss = compile_ok(t.torch_compile, device) and world == 1
+    compile_loss = t.compile_mode if world == 1 and compile_ok(t.torch_compile, device) else None
     args = training_args(settings, run_dir, prec, device, max_steps, report_to, compile_loss)
     trainer = trainer_class()(
         model=model, args=args, train_dataset=train_ds, eval_dataset=BlockDataset(val, t.block_size),
-        data_collator=default_data_collator, processing_class=tok,
-        compile_loss=t.compile_mode if compile_loss else None,
+        data_collator=default_data_collator, processing_class=tok, compile_loss=compile_loss,
         live=live, val=val, byte_lengths=token_byte_lengths(tok),
         check_every=1 if device == "cpu" else max(1, t.log_every * t.grad_accum))
     stop, early = _callbacks(trainer, live, settings, bool(report_to))
