@@ -394,6 +394,13 @@ def test_summed_loss_is_transformers_loss_times_tokens() -> None:
     with torch.no_grad():
         assert float(summed_loss(model, ids, labels)) / n == pytest.approx(
             float(model(input_ids=ids, labels=labels).loss), rel=1e-5)
+    from transformers import GPT2Config, GPT2LMHeadModel  # another family (--init-from a hub model)
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=300, bos_token_id=1,
+                                      eos_token_id=2)).eval()
+    with torch.no_grad():
+        assert float(summed_loss(gpt2, ids, labels)) / n == pytest.approx(
+            float(gpt2(input_ids=ids, labels=labels).loss), rel=1e-5)
 
 
 def test_training_args_for_the_compiled_loss_and_cuda(tmp_path: Path) -> None:
