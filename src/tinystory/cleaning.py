@@ -15,8 +15,6 @@ from array import array
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator
 
-import numpy as np
-
 VERSION = 1  # bump when the cleaning rules change: prepared folders are named by it
 COUNTS = ("stories_read", "whitespace_stripped", "empty_dropped", "mojibake_repaired",
           "duplicates_dropped", "cross_split_dropped", "undecodable_bytes_replaced")
@@ -92,6 +90,8 @@ class SeenSet:
     def add(self, h: int) -> None:
         self.new.add(h)
         if len(self.new) >= self.MERGE_AT:
+            import numpy as np  # here: `prepare` starts ~0.07 s sooner without it
+
             new = np.sort(np.fromiter(self.new, np.uint64, len(self.new)))
             old = np.frombuffer(self.old, np.uint64)
             self.old = array("Q", np.insert(old, np.searchsorted(old, new), new).tobytes())

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 META = "meta.json"
 SPLITS = ("train", "val")
+ITEMSIZE = {"uint16": 2, "uint32": 4}  # the token dtypes of a prepared stream
 
 
 @dataclass(frozen=True)
@@ -64,9 +65,9 @@ def open_prepared(path: str | Path) -> PreparedData:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError:
         raise DataError(f"{meta_path} is corrupt", "prepare again with --force") from None
-    import numpy as np
-
-    itemsize = np.dtype(meta.get("dtype", "uint16")).itemsize
+    itemsize = ITEMSIZE.get(meta.get("dtype", "uint16"))  # (no numpy: `prepare` checks this at start)
+    if itemsize is None:
+        raise DataError(f"{meta_path} names an unknown dtype {meta.get('dtype')!r}", "prepare again with --force")
     for split in SPLITS:
         f = path / f"{split}.bin"
         expected = meta.get("splits", {}).get(split, {}).get("tokens")
