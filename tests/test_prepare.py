@@ -62,6 +62,21 @@ def sample300(tmp_path_factory):
     return open_prepared(prepare(settings(max_stories=300, num_proc=1, out=str(out))))
 
 
+def test_open_prepared_refuses_a_truncated_stream_or_an_unknown_dtype(sample300, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(sample300.path, copy)
+    meta = json.loads((copy / "meta.json").read_text())
+    with open(copy / "val.bin", "r+b") as f:
+        f.truncate(f.seek(0, 2) - 2)  # one uint16 token short
+    with pytest.raises(DataError, match=r"val\.bin is missing or incomplete"):
+        open_prepared(copy)
+    (copy / "meta.json").write_text(json.dumps({**meta, "dtype": "float32"}))
+    with pytest.raises(DataError, match="names an unknown dtype 'float32'"):
+        open_prepared(copy)
+
+
 # ------------------------------------------------------------------ the happy path
 
 
@@ -437,14 +452,15 @@ def test_ctrl_c_cleans_up_and_exits_130(tmp_path):
 
 
 ODD = ["  two leading", "trailing  ", "a  b   c", "x▁y ▁z", "tab\there\n\nnew", "emoji 😀 ok", "café naïve",
-       "a </s> b<s>c", "<unk>", " ", "she's we'll they're", "1234 56,7", "\u00a0nbsp\u00a0x", "a\r\nb"]
+       "a </s> b<s>c", "<unk>", " ", "she's we'll they're", "1234 56,7", "\u00a0nbsp\u00a0x", "a\r\nb",
+       "", "nul \x00 inside", "\x00", "end "]
 
 
 @pytest.mark.parametrize("which", ["mistral", "bpe"])
-def test_chunk_encoder_gives_the_tokenizers_ids(which, bpe_tokenizer):
+def test_chunk_encoder_gives_the_tokenizers_ids(which, bpe_tokenizer, tmp_path):
     from tokenizers import Tokenizer
 
-    from tinystory.encoder import ChunkEncoder
+    from tinystory.encoder import GROUP, ChunkEncoder
     from tinystory.tokenizer import load_mistral
 
     tok = load_mistral() if which == "mistral" else bpe_tokenizer
@@ -456,6 +472,15 @@ def test_chunk_encoder_gives_the_tokenizers_ids(which, bpe_tokenizer):
     assert enc.kind == ("space" if which == "mistral" else "bytelevel")
     got = np.concatenate([enc.encode(texts[i : i + 100]) for i in range(0, len(texts), 100)])
     assert got.tolist() == expected
+    # from the file, told the kind (as `prepare`'s workers are), with the whole batch at once:
+    # new keys go to the tokenizer in groups of up to GROUP words
+    path = tmp_path / "tokenizer.json"
+    path.write_text(js, encoding="utf-8")
+    enc = ChunkEncoder(path, 1, 2, "uint32", kind=enc.kind)
+    got = np.frombuffer(enc.encode_bytes(texts), dtype=np.uint32)
+    assert got.dtype == np.uint32 and got.tolist() == expected
+    if which == "mistral":
+        assert len(enc.cache) > 2 * GROUP  # (so several groups were cut and regrouped)
 
 
 # ---------------------------------------------------------------------- hub dataset

@@ -92,6 +92,31 @@ def test_describe_files_agrees_with_the_loaded_tokenizer(which, mistral, bpe_tok
     assert files.vocab_size == len(tok) == {"mistral": 32000, "bpe": 512}[which]
     assert (files.unk_id, files.bos_id, files.eos_id, files.pad_id) == (0, 1, 2, 2)
     assert files.dtype == "uint16"
+    assert files.chunking == {"mistral": "space", "bpe": "bytelevel"}[which]
+    assert not (tmp_path / T.DESCRIPTION).exists()  # a prepared folder gets no memo
+
+
+def test_describe_files_memo_is_reused_until_the_files_change(mistral, tmp_path, monkeypatch):
+    T.save(mistral, tmp_path)
+    first = T.describe_files(tmp_path, memo=True)
+    assert (tmp_path / T.DESCRIPTION).is_file() and first == T.describe_files(tmp_path)
+    calls = []
+    real = T._describe
+    monkeypatch.setattr(T, "_describe", lambda *a: calls.append(1) or real(*a))
+    assert T.describe_files(tmp_path, memo=True) == first and calls == []  # from the memo
+    config = tmp_path / "tokenizer_config.json"
+    config.write_text(config.read_text().replace('"eos_token": "</s>"', '"eos_token": "<unk>"'))
+    changed = T.describe_files(tmp_path, memo=True)
+    assert calls == [1] and changed.eos_id == 0 and changed.sha256 == first.sha256  # worked out again
+    (tmp_path / T.DESCRIPTION).write_text("{not json")
+    assert T.describe_files(tmp_path, memo=True) == changed and calls == [1, 1]
+
+
+def test_installed_version_agrees_with_importlib_metadata():
+    from importlib.metadata import version
+
+    for name in ("transformers", "tokenizers", "typer"):
+        assert T.installed_version(name) == version(name)
 
 
 def test_mistral_conversion_is_cached(mistral, monkeypatch):

@@ -81,15 +81,17 @@ class Packer:
         self.outs = {s: open(folder / f"{s}.bin", "wb") for s in ("train", "val")}  # noqa: SIM115
         self.tokens = dict.fromkeys(self.outs, 0)
 
-    def start(self, tokenizer_json: Path, bos: int, eos: int, dtype: str, processes: bool) -> None:
-        """Ready to encode with the tokenizer saved at `tokenizer_json`."""
+    def start(self, tokenizer_json: Path, bos: int, eos: int, dtype: str, kind: str | None,
+              processes: bool) -> None:
+        """Ready to encode with the tokenizer saved at `tokenizer_json`, whose
+        `encoder.chunk_kind` is `kind`."""
         self.itemsize = 2 if dtype == "uint16" else 4
         if processes and self.nproc > 1:
-            self.workers = Workers(self.nproc, tokenizer_json, bos, eos, dtype)
+            self.workers = Workers(self.nproc, tokenizer_json, bos, eos, dtype, kind)
         else:
             from tinystory.encoder import ChunkEncoder
 
-            self.local = ChunkEncoder(tokenizer_json.read_text(encoding="utf-8"), bos, eos, dtype)
+            self.local = ChunkEncoder(tokenizer_json, bos, eos, dtype, kind=kind)
 
     @property
     def started(self) -> bool:
@@ -122,13 +124,15 @@ class Packer:
         crash_hook(self.outs[split])
 
     def finish(self) -> dict[str, int]:
-        """Wait for every block, sync the files to disk; tokens per split."""
+        """Wait for every block, sync the files to disk; tokens per split. The workers are
+        told to leave, and `close` waits for them (they exit meanwhile)."""
         while self.pending:
             self._collect()
+        if self.workers is not None:
+            self.workers.end_input()
         for out in self.outs.values():
             out.flush()
             os.fsync(out.fileno())
-        self.close()
         return self.tokens
 
     def close(self) -> None:
@@ -149,13 +153,14 @@ class Workers:
     stdin, so a killed parent leaves none behind. Own session: Ctrl-C reaches only us.
     """
 
-    def __init__(self, n: int, tokenizer_json: Path, bos: int, eos: int, dtype: str) -> None:
+    def __init__(self, n: int, tokenizer_json: Path, bos: int, eos: int, dtype: str, kind: str | None) -> None:
         import tinystory
 
         pkg_root = str(Path(tinystory.__file__).resolve().parents[1])
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false",  # the processes are the parallelism
                "PYTHONPATH": os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH")) if p)}
-        cmd = [sys.executable, "-m", "tinystory.encoder", str(tokenizer_json), str(bos), str(eos), dtype]
+        cmd = [sys.executable, "-m", "tinystory.encoder", str(tokenizer_json), str(bos), str(eos), dtype,
+               kind or "none"]
         self.procs = [subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
                                        start_new_session=True) for _ in range(n)]
 
@@ -183,12 +188,17 @@ class Workers:
         raise TinystoryError(f"a tokenizer process died (exit code {code})",
                              "out of memory? try --num-proc 1; its error, if any, is printed above")
 
-    def close(self, kill: bool = False) -> None:
+    def end_input(self) -> None:
+        """No more tasks: each worker ends at EOF."""
         for proc in self.procs:
-            if kill:
-                proc.kill()
             with contextlib.suppress(BrokenPipeError):
                 proc.stdin.close()  # type: ignore[union-attr]
+
+    def close(self, kill: bool = False) -> None:
+        if kill:
+            for proc in self.procs:
+                proc.kill()
+        self.end_input()
         for proc in self.procs:
             proc.wait()
             proc.stdout.close()  # type: ignore[union-attr]

@@ -21,6 +21,7 @@ cleaning rules and options and the tokenizer spec: the same inputs again is a no
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -229,8 +230,9 @@ def _start(packer: Packer, files: Path, tmp: Path, processes: bool) -> Tokenizer
         for name in TOKENIZER_FILES:
             if (files / name).is_file():
                 shutil.copyfile(files / name, tmp / name)
-    tok = describe_files(tmp)
-    packer.start(tmp / "tokenizer.json", tok.bos_id, tok.eos_id, tok.dtype, processes)
+    # a cache folder (Mistral) keeps its description; a BPE trained here is described once
+    tok = dataclasses.replace(describe_files(files, memo=files != tmp), folder=tmp)
+    packer.start(tmp / "tokenizer.json", tok.bos_id, tok.eos_id, tok.dtype, tok.chunking, processes)
     return tok
 
 
