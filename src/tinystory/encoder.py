@@ -149,30 +149,25 @@ class ChunkEncoder:
 
     def _sequence(self, texts: list[str]) -> list:
         """The keys of BOS + text + EOS of every text, in order."""
-        seq: list = []
-        add, extend, keys = seq.append, seq.extend, self.keys
         if self.kind != "space":
+            runs = [self.keys(text) for text in texts]
+        else:  # runs of plain texts are cut all at once, JOINED between them
+            runs, plain = [], []
             for text in texts:
-                add(BOS_KEY)
-                extend(keys(text))
-                add(EOS_KEY)
-            return seq
-        plain: list[str] = []  # a run of texts cut all at once: JOINED between them
-        for text in texts:
-            if text and "  " not in text and "▁" not in text and text[0] != " " and text[-1] != " ":
-                plain.append(text)
-                continue
+                if text and "  " not in text and "▁" not in text and text[0] != " " and text[-1] != " ":
+                    plain.append(text)
+                    continue
+                if plain:
+                    runs.append(JOINED.join(plain).split(" "))
+                    plain = []
+                runs.append(self.keys(text))
             if plain:
-                add(BOS_KEY)
-                extend(JOINED.join(plain).split(" "))
-                add(EOS_KEY)
-                plain = []
+                runs.append(JOINED.join(plain).split(" "))
+        seq: list = []
+        add, extend = seq.append, seq.extend
+        for keys in runs:
             add(BOS_KEY)
-            extend(keys(text))
-            add(EOS_KEY)
-        if plain:
-            add(BOS_KEY)
-            extend(JOINED.join(plain).split(" "))
+            extend(keys)
             add(EOS_KEY)
         return seq
 
