@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from tinystory.console import console, info, interactive
+from tinystory.data import ITEMSIZE
 from tinystory.errors import TinystoryError
 
 SPOOL_BLOCK = 1 << 19  # bytes of text per block: the unit of encoding work
@@ -85,7 +86,7 @@ class Packer:
               processes: bool) -> None:
         """Ready to encode with the tokenizer saved at `tokenizer_json`, whose
         `encoder.chunk_kind` is `kind`."""
-        self.itemsize = 2 if dtype == "uint16" else 4
+        self.itemsize = ITEMSIZE[dtype]
         if processes and self.nproc > 1:
             self.workers = Workers(self.nproc, tokenizer_json, bos, eos, dtype, kind)
         else:
