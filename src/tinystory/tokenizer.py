@@ -14,8 +14,10 @@ the model what it was trained on: every story is BOS + text + EOS in the token s
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -209,9 +211,6 @@ def _describe(folder: Path, data: dict, config: dict) -> TokenizerFiles:
 def _keep(path: Path, value: dict) -> None:
     """Write `value` as JSON to `path` through a temp file and a rename; a read-only folder
     only costs the time saved."""
-    import contextlib
-    import os
-
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     try:
         tmp.write_text(json.dumps(value), encoding="utf-8")
