@@ -114,6 +114,30 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="session")
+def mistral_converted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The Mistral tokenizer converted once for the session, in a cache of its own."""
+    from tinystory.tokenizer import mistral_folder
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TINYSTORY_CACHE_DIR", str(tmp_path_factory.mktemp("mistral-cache")))
+        return mistral_folder()
+
+
+@pytest.fixture
+def mistral_cached(mistral_converted: Path) -> Path:
+    """This test's cache holds the converted Mistral tokenizer, as on a machine that has run
+    `prepare` before: a `tinystory prepare` started by the test neither converts it nor
+    imports transformers (whose threads would make it spawn its workers, not fork them)."""
+    import shutil
+
+    from tinystory.paths import cache_dir
+
+    dest = cache_dir() / "tokenizers" / mistral_converted.name
+    shutil.copytree(mistral_converted, dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
 def bpe_tokenizer():
     """A byte-level BPE 512 trained on 600 sample stories (deterministic)."""
     from tinystory.tokenizer import train_bpe

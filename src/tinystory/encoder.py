@@ -22,19 +22,21 @@ tokenizer, and assemble the ids with one `bytes.join`. The ids are the tokenizer
 - anything else, and texts that contain a special-token string (the tokenizer matches
   those before pre-tokenizing) or a NUL: the tokenizer's own `encode_batch_fast`.
 
-Also the worker processes of `prepare` (`python -m tinystory.encoder`, see `worker_main`).
-No numpy here: a worker starts ~0.06 s sooner without it.
+Also the worker loop of `prepare` (`serve`), in processes forked by `packing.ForkedWorkers`
+or started as `python -m tinystory.encoder` (`worker_main`). No numpy here: a started
+worker is ready ~0.06 s sooner without it.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import sys
 from array import array
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 if TYPE_CHECKING:
     import numpy as np
@@ -51,6 +53,7 @@ CACHE_LIMIT = 1 << 18  # distinct chunks kept per process (~40 MB at most), then
 GROUP = 1024  # new keys tokenized together as one text
 TYPECODES = {"uint16": "H", "uint32": "I"}
 AUTO = "auto"
+WORKER_CRASH = "_TINYSTORY_WORKER_CRASH"
 
 
 def chunk_kind(spec: dict) -> str | None:
@@ -229,15 +232,22 @@ def read_spool(path: str | Path, offset: int, nbytes: int) -> list[str]:
 
 def worker_main(argv: list[str]) -> None:
     """`python -m tinystory.encoder TOKENIZER_JSON BOS EOS DTYPE KIND`, a worker of `prepare`
-    (KIND: the tokenizer's `chunk_kind`, or `none`):
-    reads "spool<TAB>offset<TAB>nbytes" lines on stdin and answers each, in order, with
-    8 bytes of data length + 8 bytes of story count + the token bytes. Ends at EOF (also
-    when the parent dies), so a killed `prepare` leaves no worker behind."""
+    started anew (`packing.SpawnedWorkers`; KIND: the tokenizer's `chunk_kind`, or `none`):
+    `serve` on stdin and stdout."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business
     kind = None if argv[4] == "none" else argv[4]
     enc = ChunkEncoder(Path(argv[0]), int(argv[1]), int(argv[2]), argv[3], kind=kind)
-    out = sys.stdout.buffer
-    for line in sys.stdin.buffer:
+    serve(enc, sys.stdin.buffer, sys.stdout.buffer)
+
+
+def serve(enc: ChunkEncoder, tasks: BinaryIO, out: BinaryIO) -> None:
+    """Read "spool<TAB>offset<TAB>nbytes" lines from `tasks` and answer each, in order, on
+    `out` with 8 bytes of data length + 8 bytes of story count + the token bytes. Ends at
+    EOF on `tasks` (also when the parent dies) or when the parent stops reading."""
+    crash = os.environ.get(WORKER_CRASH)  # tests: die on the first task with this exit code
+    for line in tasks:
+        if crash:
+            os._exit(int(crash))
         spool, offset, nbytes = line.decode("utf-8").rstrip("\n").rsplit("\t", 2)
         texts = read_spool(spool, int(offset), int(nbytes))
         data = enc.encode_bytes(texts)

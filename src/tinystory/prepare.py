@@ -215,7 +215,8 @@ def _build(tmp: Path, settings: Settings, srcs: list[sources.Source], spec: str,
                "total": end - times["start"]}
     assert tok is not None  # set on both paths above
     meta = _meta(settings, srcs, spec, fp, tok, spools, tokens, counts)
-    meta["seconds"] = {**{k: round(v, 3) for k, v in seconds.items()}, "processes": nproc if processes else 1}
+    meta["seconds"] = {**{k: round(v, 3) for k, v in seconds.items()}, "processes": nproc if processes else 1,
+                       "workers": packer.kind}
     with open(tmp / META, "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=2)
         f.flush()
@@ -226,13 +227,13 @@ def _start(packer: Packer, files: Path, tmp: Path, processes: bool) -> Tokenizer
     """The tokenizer files in `files` become the prepared folder's (`tmp`); workers load them."""
     from tinystory.tokenizer import describe_files
 
-    if files != tmp:
+    # a cache folder (Mistral) keeps its description; a BPE trained here is described once
+    tok = dataclasses.replace(describe_files(files, memo=files != tmp), folder=tmp)
+    packer.start(files / "tokenizer.json", tok.bos_id, tok.eos_id, tok.dtype, tok.chunking, processes)
+    if files != tmp:  # (while the workers load the tokenizer)
         for name in TOKENIZER_FILES:
             if (files / name).is_file():
                 shutil.copyfile(files / name, tmp / name)
-    # a cache folder (Mistral) keeps its description; a BPE trained here is described once
-    tok = dataclasses.replace(describe_files(files, memo=files != tmp), folder=tmp)
-    packer.start(tmp / "tokenizer.json", tok.bos_id, tok.eos_id, tok.dtype, tok.chunking, processes)
     return tok
 
 
