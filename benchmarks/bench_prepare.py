@@ -15,7 +15,8 @@ Contenders, each run as its own process tree with the same number of processes:
 
 Reported per run: wall seconds (process start to exit), text MB/s, text tokens/s (BOS/EOS
 not counted), peak RSS of the largest single process (getrusage of the finished tree) and
-the peak sum of RSS over the live process tree (psutil, sampled every 20 ms). Medians of
+the peak sum of RSS over the live process tree (psutil, sampled every 20 ms; pages that
+llama2.c's forked pool workers share with their parent count once per process). Medians of
 `--repeats` runs, interleaved, with the load average before each run (the machine may be
 shared). Writes benchmarks/results/prepare.json.
 """
@@ -23,6 +24,7 @@ shared). Writes benchmarks/results/prepare.json.
 from __future__ import annotations
 
 import argparse
+import compileall
 import json
 import os
 import statistics
@@ -171,6 +173,10 @@ def main() -> None:
     nproc = args.num_proc or cores()
     env = {**os.environ, "TINYSTORY_PLAIN": "1", "HF_HUB_OFFLINE": "1"}
     results: dict = {"cpu": cpu_name(), "cores": os.cpu_count(), "processes": nproc, "runs": {}}
+    # Bytecode for our modules (and this script's import of tinystory.tokenizer), as an
+    # installed package has it: where PYTHONDONTWRITEBYTECODE is set (this sandbox), every
+    # run would otherwise compile ~25 modules of an editable install anew (~0.04 s).
+    compileall.compile_dir(str(ROOT / "src" / "tinystory"), quiet=1)
     with tempfile.TemporaryDirectory() as tmp_:
         tmp = Path(tmp_)
         env["TINYSTORY_CACHE_DIR"] = str(tmp / "cache")

@@ -126,8 +126,7 @@ def mistral_converted(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def mistral_cached(mistral_converted: Path) -> Path:
     """This test's cache holds the converted Mistral tokenizer, as on a machine that has run
-    `prepare` before: a `tinystory prepare` started by the test neither converts it nor
-    imports transformers (whose threads would make it spawn its workers, not fork them)."""
+    `prepare` before: a `tinystory prepare` started by the test does not convert it again."""
     import shutil
 
     from tinystory.paths import cache_dir

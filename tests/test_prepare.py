@@ -171,65 +171,18 @@ def test_worker_processes_give_the_same_bytes(spec, tmp_path, monkeypatch):
         assert (two / f"{split}.bin").read_bytes() == (one / f"{split}.bin").read_bytes()
 
 
-@pytest.fixture(scope="module")
-def sample_in_one_process(tmp_path_factory, mistral_converted):
-    """The whole bundled sample (more than POOL_MIN_BYTES), Mistral, encoded in this process."""
-    from tinystory.prepare import prepare
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TINYSTORY_CACHE_DIR", str(mistral_converted.parents[1]))
-        return prepare(settings(max_stories=0, num_proc=1, tokenizer="mistral",
-                                out=str(tmp_path_factory.mktemp("one") / "p")))
-
-
-def _cli_prepare(out: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
-    """`tinystory prepare` of the whole sample with the Mistral tokenizer, in a new process."""
-    return subprocess.run(
+def test_a_dead_worker_is_one_line_exit_1_and_nothing_written(mistral_cached, tmp_path):
+    # the whole sample (more than POOL_MIN_BYTES) in 2 worker processes; the worker of the
+    # first block exits with code 3
+    r = subprocess.run(
         [sys.executable, "-m", "tinystory", "prepare", "--profile", "tiny", "--max-stories", "0",
-         "--tokenizer", "mistral", "--num-proc", "2", "--out", str(out), *args],
-        capture_output=True, text=True, env={**os.environ, **env}, timeout=300)
-
-
-@pytest.mark.parametrize("workers", ["forked", "spawned"])
-def test_forked_and_spawned_workers_give_the_same_bytes(workers, sample_in_one_process, mistral_cached, tmp_path):
-    # a fresh `tinystory prepare` has one thread, so its workers are forked unless told not to
-    r = _cli_prepare(tmp_path / "two", TINYSTORY_SPAWN_WORKERS="1" if workers == "spawned" else "")
-    assert r.returncode == 0, r.stderr
-    seconds = open_prepared(tmp_path / "two").meta["seconds"]
-    assert (seconds["processes"], seconds["workers"]) == (2, workers)
-    for split in ("train", "val"):
-        assert (tmp_path / "two" / f"{split}.bin").read_bytes() == (sample_in_one_process / f"{split}.bin").read_bytes()
-
-
-@pytest.mark.parametrize("workers", ["forked", "spawned"])
-def test_a_dead_worker_is_one_line_exit_1_and_nothing_written(workers, mistral_cached, tmp_path):
-    r = _cli_prepare(tmp_path / "p", TINYSTORY_SPAWN_WORKERS="1" if workers == "spawned" else "",
-                     _TINYSTORY_WORKER_CRASH="3")  # the worker of the first block exits with code 3
+         "--tokenizer", "mistral", "--num-proc", "2", "--out", str(tmp_path / "p")],
+        capture_output=True, text=True, env={**os.environ, "_TINYSTORY_WORKER_CRASH": "3"}, timeout=120)
     assert r.returncode == 1 and r.stdout == ""
     assert r.stderr.strip().splitlines()[-1] == (
         "error: a tokenizer process died (exit code 3) (out of memory? try --num-proc 1; "
         "its error, if any, is printed above)")
     assert list(tmp_path.iterdir()) == []
-
-
-def test_workers_are_forked_only_from_a_single_threaded_process(monkeypatch):
-    import threading
-
-    from tinystory.packing import SPAWN_ONLY, _single_threaded_linux
-
-    fresh = subprocess.run([sys.executable, "-c", "from tinystory.packing import _single_threaded_linux as f; "
-                            "print(f())"], capture_output=True, text=True, env={**os.environ, SPAWN_ONLY: ""})
-    assert fresh.stdout.strip() == str(sys.platform.startswith("linux"))
-    stop = threading.Event()
-    thread = threading.Thread(target=stop.wait)
-    thread.start()
-    try:
-        assert not _single_threaded_linux()  # another thread might hold a lock the child needs
-    finally:
-        stop.set()
-        thread.join()
-    monkeypatch.setenv(SPAWN_ONLY, "1")
-    assert not _single_threaded_linux()
 
 
 def test_seen_set_finds_old_and_new_hashes():
@@ -469,7 +422,7 @@ def _run_until_hook(tmp_path: Path, hook: str, *args: str) -> subprocess.Complet
 
 
 def _processes_with(marker: str) -> list[int]:
-    """Processes whose environment holds `marker` (forked and spawned workers inherit it)."""
+    """Processes whose environment holds `marker` (the workers inherit it from `prepare`)."""
     found = []
     for proc in Path("/proc").glob("[0-9]*"):
         try:
@@ -481,12 +434,10 @@ def _processes_with(marker: str) -> list[int]:
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
-@pytest.mark.parametrize("workers", ["forked", "spawned"])
-def test_killed_run_leaves_nothing_valid_looking(workers, mistral_cached, tmp_path, monkeypatch):
+def test_killed_run_leaves_nothing_valid_looking(mistral_cached, tmp_path, monkeypatch):
     # the whole sample (> POOL_MIN_BYTES) with 2 worker processes, killed mid-way
-    marker = f"prepare-test-{os.getpid()}-{workers}"
+    marker = f"prepare-test-{os.getpid()}-{time.time()}"
     monkeypatch.setenv("_TINYSTORY_TEST_MARK", marker)
-    monkeypatch.setenv("TINYSTORY_SPAWN_WORKERS", "1" if workers == "spawned" else "")
     r = _run_until_hook(tmp_path, "kill", "--max-stories", "0", "--tokenizer", "mistral", "--num-proc", "2")
     assert r.returncode == -signal.SIGKILL and "Traceback" not in r.stderr, r.stderr
     assert "read + clean + encode:" not in r.stderr  # died inside the phase, after its first write
@@ -508,7 +459,7 @@ def test_killed_run_leaves_nothing_valid_looking(workers, mistral_cached, tmp_pa
 
 @pytest.mark.parametrize("args", [["--max-stories", "30", "--num-proc", "1"],
                                   ["--max-stories", "0", "--tokenizer", "mistral", "--num-proc", "2"]],
-                         ids=["here", "forked-workers"])
+                         ids=["here", "workers"])
 def test_ctrl_c_cleans_up_and_exits_130(args, mistral_cached, tmp_path):
     r = _run_until_hook(tmp_path, "interrupt", *args)
     # (whether "error: interrupted" is printed depends on the typer version: 0.29 turns

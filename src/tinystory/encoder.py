@@ -22,9 +22,8 @@ tokenizer, and assemble the ids with one `bytes.join`. The ids are the tokenizer
 - anything else, and texts that contain a special-token string (the tokenizer matches
   those before pre-tokenizing) or a NUL: the tokenizer's own `encode_batch_fast`.
 
-Also the worker loop of `prepare` (`serve`), in processes forked by `packing.ForkedWorkers`
-or started as `python -m tinystory.encoder` (`worker_main`). No numpy here: a started
-worker is ready ~0.06 s sooner without it.
+Also the worker processes of `prepare` (`python -m tinystory.encoder`, see `worker_main` and
+`serve`). No numpy here: a worker starts ~0.06 s sooner without it.
 """
 
 from __future__ import annotations
@@ -232,8 +231,8 @@ def read_spool(path: str | Path, offset: int, nbytes: int) -> list[str]:
 
 def worker_main(argv: list[str]) -> None:
     """`python -m tinystory.encoder TOKENIZER_JSON BOS EOS DTYPE KIND`, a worker of `prepare`
-    started anew (`packing.SpawnedWorkers`; KIND: the tokenizer's `chunk_kind`, or `none`):
-    `serve` on stdin and stdout."""
+    (`packing.Workers`; KIND: the tokenizer's `chunk_kind`, or `none`): `serve` on stdin and
+    stdout, so a killed `prepare` (EOF on stdin) leaves no worker behind."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business
     kind = None if argv[4] == "none" else argv[4]
     enc = ChunkEncoder(Path(argv[0]), int(argv[1]), int(argv[2]), argv[3], kind=kind)

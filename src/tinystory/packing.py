@@ -5,9 +5,7 @@
 - `Packer`: encodes blocks (in worker processes, or here when the data is small) and
   appends BOS + ids + EOS of every story to `<split>.bin`, in story order. With a known
   tokenizer (Mistral) it runs while the stories are still being read;
-- `Workers`: the encoder processes, forked from this one where that is safe (Linux, one
-  thread: `ForkedWorkers`, which load the tokenizer once), else `python -m tinystory.encoder`
-  (`SpawnedWorkers`);
+- `Workers`: the `python -m tinystory.encoder` processes;
 - `Meter`: progress with stories/s, tokens/s and MB/s (a rich bar, or plain lines).
 
 Memory stays flat: a block is ~0.5 MB of text and at most two blocks a worker are in flight.
@@ -24,7 +22,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from tinystory.console import console, info, interactive
 from tinystory.data import ITEMSIZE
@@ -32,7 +30,6 @@ from tinystory.errors import TinystoryError
 
 SPOOL_BLOCK = 1 << 19  # bytes of text per block: the unit of encoding work
 CRASH_HOOK = "_TINYSTORY_PREPARE_CRASH"  # tests: "kill" / "interrupt" after the first write
-SPAWN_ONLY = "TINYSTORY_SPAWN_WORKERS"  # set: never fork the workers (tests; a fork-shy platform)
 
 
 class Spool:
@@ -80,7 +77,6 @@ class Packer:
         self.folder, self.nproc, self.meter = folder, nproc, meter
         self.workers: Workers | None = None
         self.local: Any = None
-        self.kind: str | None = None  # "forked" / "spawned" worker processes, None: encoded here
         self.pending: deque[tuple[int, str, int]] = deque()  # (task number, split, text bytes)
         self.submitted = 0
         self.outs = {s: open(folder / f"{s}.bin", "wb") for s in ("train", "val")}  # noqa: SIM115
@@ -92,8 +88,7 @@ class Packer:
         `encoder.chunk_kind` is `kind`."""
         self.itemsize = ITEMSIZE[dtype]
         if processes and self.nproc > 1:
-            self.workers = start_workers(self.nproc, tokenizer_json, bos, eos, dtype, kind)
-            self.kind = "forked" if isinstance(self.workers, ForkedWorkers) else "spawned"
+            self.workers = Workers(self.nproc, tokenizer_json, bos, eos, dtype, kind)
         else:
             from tinystory.encoder import ChunkEncoder
 
@@ -114,7 +109,7 @@ class Packer:
         self.workers.submit(self.submitted, spool.path, offset, nbytes)
         self.pending.append((self.submitted, spool.split, nbytes))
         self.submitted += 1
-        if len(self.pending) >= 2 * len(self.workers.tasks):  # bounded: flat memory
+        if len(self.pending) >= 2 * len(self.workers.procs):  # bounded: flat memory
             self._collect()
 
     def _collect(self) -> None:
@@ -150,73 +145,14 @@ class Packer:
             out.close()
 
 
-def start_workers(n: int, tokenizer_json: Path, bos: int, eos: int, dtype: str, kind: str | None) -> Workers:
-    """`n` encoder processes: forked from this one where that is safe, else started anew."""
-    if _single_threaded_linux():
-        return ForkedWorkers(n, tokenizer_json, bos, eos, dtype, kind)
-    return SpawnedWorkers(n, tokenizer_json, bos, eos, dtype, kind)
-
-
-def _single_threaded_linux() -> bool:
-    """fork() is only safe in a process with one thread: a lock that another thread holds
-    (a thread pool of torch, of the tokenizers trainer) would stay locked in the child.
-    Linux only (macOS system libraries are not fork-safe; Windows has no fork)."""
-    if not sys.platform.startswith("linux") or os.environ.get(SPAWN_ONLY):
-        return False
-    try:
-        return len(os.listdir("/proc/self/task")) == 1
-    except OSError:
-        return False
-
-
 class Workers:
-    """Encoder processes; task i goes to process i % n, and each answers in order, so
-    reading task i's answer from process i % n keeps story order. A task is one line,
-    "spool<TAB>offset<TAB>nbytes"; an answer is 8 bytes of data length + 8 bytes of story
-    count + the token bytes (`encoder.serve`). A worker ends at EOF on its tasks, so a
-    killed parent leaves none behind; each is in a session of its own, so Ctrl-C reaches
-    only the parent."""
+    """`python -m tinystory.encoder` processes; task i goes to process i % n, and each
+    answers in order, so reading task i's answer from process i % n keeps story order.
 
-    tasks: list[Any]  # writable binary files, one a worker
-    answers: list[Any]  # readable binary files
-
-    def submit(self, i: int, spool: Path, offset: int, nbytes: int) -> None:
-        k = i % len(self.tasks)
-        try:
-            self.tasks[k].write(f"{spool}\t{offset}\t{nbytes}\n".encode())
-            self.tasks[k].flush()
-        except BrokenPipeError:
-            self._died(k)
-
-    def result(self, i: int) -> tuple[bytes, int]:
-        k = i % len(self.tasks)
-        head = self.answers[k].read(16)
-        if len(head) < 16:
-            self._died(k)
-        size, stories = int.from_bytes(head[:8], "little"), int.from_bytes(head[8:], "little")
-        data = self.answers[k].read(size)
-        if len(data) < size:
-            self._died(k)
-        return data, stories
-
-    def _died(self, k: int) -> None:
-        code = self._exit_code(k)
-        raise TinystoryError(f"a tokenizer process died{f' (exit code {code})' if code is not None else ''}",
-                             "out of memory? try --num-proc 1; its error, if any, is printed above")
-
-    def _exit_code(self, k: int) -> int | None:
-        raise NotImplementedError
-
-    def end_input(self) -> None:
-        """No more tasks: each worker ends at EOF."""
-        for f in self.tasks:
-            with contextlib.suppress(BrokenPipeError):
-                f.close()
-
-
-class SpawnedWorkers(Workers):
-    """`python -m tinystory.encoder` processes, each loading the tokenizer. Plain
-    subprocesses rather than multiprocessing: nothing re-imports the caller's script."""
+    Plain subprocesses rather than multiprocessing: nothing re-imports the caller's
+    script, a dead worker is an EOF rather than a hang, and a worker ends at EOF on its
+    stdin, so a killed parent leaves none behind. Own session: Ctrl-C reaches only us.
+    """
 
     def __init__(self, n: int, tokenizer_json: Path, bos: int, eos: int, dtype: str, kind: str | None) -> None:
         import tinystory
@@ -228,11 +164,36 @@ class SpawnedWorkers(Workers):
                kind or "none"]
         self.procs = [subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
                                        start_new_session=True) for _ in range(n)]
-        self.tasks = [p.stdin for p in self.procs]
-        self.answers = [p.stdout for p in self.procs]
 
-    def _exit_code(self, k: int) -> int | None:
-        return self.procs[k].wait()
+    def submit(self, i: int, spool: Path, offset: int, nbytes: int) -> None:
+        proc = self.procs[i % len(self.procs)]
+        try:
+            proc.stdin.write(f"{spool}\t{offset}\t{nbytes}\n".encode())  # type: ignore[union-attr]
+            proc.stdin.flush()  # type: ignore[union-attr]
+        except BrokenPipeError:
+            self._died(proc)
+
+    def result(self, i: int) -> tuple[bytes, int]:
+        proc = self.procs[i % len(self.procs)]
+        head = proc.stdout.read(16)  # type: ignore[union-attr]
+        if len(head) < 16:
+            self._died(proc)
+        size, stories = int.from_bytes(head[:8], "little"), int.from_bytes(head[8:], "little")
+        data = proc.stdout.read(size)  # type: ignore[union-attr]
+        if len(data) < size:
+            self._died(proc)
+        return data, stories
+
+    def _died(self, proc: Any) -> None:
+        code = proc.wait()
+        raise TinystoryError(f"a tokenizer process died (exit code {code})",
+                             "out of memory? try --num-proc 1; its error, if any, is printed above")
+
+    def end_input(self) -> None:
+        """No more tasks: each worker ends at EOF."""
+        for proc in self.procs:
+            with contextlib.suppress(BrokenPipeError):
+                proc.stdin.close()  # type: ignore[union-attr]
 
     def close(self, kill: bool = False) -> None:
         if kill:
@@ -242,102 +203,6 @@ class SpawnedWorkers(Workers):
         for proc in self.procs:
             proc.wait()
             proc.stdout.close()  # type: ignore[union-attr]
-
-
-class ForkedWorkers(Workers):
-    """Workers forked from this process: the first loads the tokenizer while this process
-    goes on reading, then forks the others, which share its loaded tokenizer (no Python
-    start-up, no second load: ~0.15 s of CPU a worker). All of them are in the first
-    one's process group, which `close(kill=True)` kills."""
-
-    def __init__(self, n: int, tokenizer_json: Path, bos: int, eos: int, dtype: str, kind: str | None) -> None:
-        tasks, answers = [os.pipe() for _ in range(n)], [os.pipe() for _ in range(n)]
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - runs in the child, which never returns
-            _lead_workers(tasks, answers, (tokenizer_json, bos, eos, dtype, kind))
-        self.leader = pid
-        for r, w in tasks:
-            os.close(r)
-        for r, w in answers:
-            os.close(w)
-        self.tasks = [os.fdopen(w, "wb") for _, w in tasks]
-        self.answers = [os.fdopen(r, "rb") for r, _ in answers]
-        self.status: int | None = None
-
-    def _exit_code(self, k: int) -> int | None:
-        if k != 0:  # the others are the first one's children
-            return None
-        if self.status is None:
-            self.status = os.waitstatus_to_exitcode(os.waitpid(self.leader, 0)[1])
-        return self.status
-
-    def close(self, kill: bool = False) -> None:
-        if kill:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.leader, signal.SIGKILL)
-        self.end_input()
-        self._exit_code(0)  # reap the first one (it waits for the others)
-        for f in self.answers:
-            f.close()
-
-
-def _lead_workers(tasks: list[tuple[int, int]], answers: list[tuple[int, int]], args: tuple) -> NoReturn:
-    """The first forked worker: load the encoder, fork the others, serve, wait, exit."""
-    code = 1
-    try:
-        os.setsid()  # a session of its own, as SpawnedWorkers: Ctrl-C reaches only the parent
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # stdout is the parent's result, never ours
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
-        from tinystory.encoder import ChunkEncoder
-
-        tokenizer_json, bos, eos, dtype, kind = args
-        enc = ChunkEncoder(tokenizer_json, bos, eos, dtype, kind=kind)
-        children = []
-        for k in range(1, len(tasks)):
-            pid = os.fork()
-            if pid == 0:
-                _serve_fork(enc, k, tasks, answers)
-            children.append(pid)
-        code = _serve(enc, 0, tasks, answers)
-        for pid in children:
-            os.waitpid(pid, 0)
-    except BaseException:
-        import traceback
-
-        traceback.print_exc()
-    finally:
-        os._exit(code)  # never the parent's exit path: no atexit, no flushing of its files
-
-
-def _serve_fork(enc: Any, k: int, tasks: list[tuple[int, int]], answers: list[tuple[int, int]]) -> NoReturn:
-    code = 1
-    try:
-        code = _serve(enc, k, tasks, answers)
-    except BaseException:
-        import traceback
-
-        traceback.print_exc()
-    finally:
-        os._exit(code)
-
-
-def _serve(enc: Any, k: int, tasks: list[tuple[int, int]], answers: list[tuple[int, int]]) -> int:
-    """Worker k: keep only its own ends of the pipes (so EOF comes when the parent is done
-    or gone), then answer tasks until EOF."""
-    from tinystory.encoder import serve
-
-    for j, ((task_r, task_w), (ans_r, ans_w)) in enumerate(zip(tasks, answers)):
-        os.close(task_w)
-        os.close(ans_r)
-        if j != k:
-            os.close(task_r)
-            os.close(ans_w)
-    inp, out = os.fdopen(tasks[k][0], "rb"), os.fdopen(answers[k][1], "wb")
-    serve(enc, inp, out)
-    with contextlib.suppress(BrokenPipeError):  # the parent is gone: what is left unsent stays so
-        out.close()
-    return 0
 
 
 def crash_hook(out: Any) -> None:

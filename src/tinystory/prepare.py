@@ -215,8 +215,7 @@ def _build(tmp: Path, settings: Settings, srcs: list[sources.Source], spec: str,
                "total": end - times["start"]}
     assert tok is not None  # set on both paths above
     meta = _meta(settings, srcs, spec, fp, tok, spools, tokens, counts)
-    meta["seconds"] = {**{k: round(v, 3) for k, v in seconds.items()}, "processes": nproc if processes else 1,
-                       "workers": packer.kind}
+    meta["seconds"] = {**{k: round(v, 3) for k, v in seconds.items()}, "processes": nproc if processes else 1}
     with open(tmp / META, "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=2)
         f.flush()
@@ -224,7 +223,8 @@ def _build(tmp: Path, settings: Settings, srcs: list[sources.Source], spec: str,
 
 
 def _start(packer: Packer, files: Path, tmp: Path, processes: bool) -> TokenizerFiles:
-    """The tokenizer files in `files` become the prepared folder's (`tmp`); workers load them."""
+    """The tokenizer files in `files` become the prepared folder's (`tmp`); workers load them
+    from `files`, while they are copied."""
     from tinystory.tokenizer import describe_files
 
     # a cache folder (Mistral) keeps its description; a BPE trained here is described once
