@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -133,6 +134,37 @@ def test_second_run_is_a_noop(tmp_path, capsys):
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
     code, _, err = cli(capsys, *args, "--force")
     assert code == 0 and "encode: 150 encoded" in err
+
+
+def test_progress_reports_counts_and_rates(tmp_path, capsys, monkeypatch):
+    """Plain lines off a terminal; on one, a live rich bar with the same stats."""
+    import io
+
+    from rich.console import Console
+
+    import tinystory.packing
+
+    code, _, err = cli(capsys, "--dataset", "sample", "--max-stories", "50", "--num-proc", "1",
+                       "--out", str(tmp_path / "p"))
+    splits = json.loads((tmp_path / "p" / "meta.json").read_text())["splits"]
+    stories = splits["train"]["stories"] + splits["val"]["stories"]
+    tokens = splits["train"]["tokens"] + splits["val"]["tokens"]
+    assert code == 0 and stories == 150
+    lines = err.splitlines()
+    rate, secs = r"\([\d,]+/s\)", r"in \d+\.\d s"
+    assert re.fullmatch(rf"read \+ clean: 150 stories {rate}, 0\.\d MB \([\d.,]+ MB/s\) {secs}", lines[0])
+    assert re.fullmatch(rf"train bpe:512: {secs}", lines[1])
+    assert re.fullmatch(rf"encode: 150 encoded, {tokens:,} tokens {rate} {secs}", lines[2])
+
+    live = Console(file=io.StringIO(), force_terminal=True, width=200, record=True)
+    monkeypatch.setattr(tinystory.packing, "interactive", lambda: True)
+    monkeypatch.setattr(tinystory.packing, "console", lambda: live)
+    code, _, err = cli(capsys, "--dataset", "sample", "--max-stories", "50", "--num-proc", "1",
+                       "--out", str(tmp_path / "p"), "--force")
+    shown = live.export_text()
+    assert code == 0 and "encode" not in err.split("prepared data")[0]  # the bar, not lines
+    assert re.search(rf"read \+ clean 150 stories {rate}, 0\.\d MB \([\d.,]+ MB/s\)", shown)
+    assert re.search(rf"encode ━+ 150 encoded, {tokens:,} tokens {rate}", shown)
 
 
 def test_default_location_is_the_cache_named_by_fingerprint(capsys):
