@@ -401,6 +401,26 @@ def test_bad_input_is_one_line_exit_1_and_nothing_written(case, tmp_path, capsys
     assert not paths.prepared_dir().exists() or not list(paths.prepared_dir().iterdir())
 
 
+def test_unreachable_hub_is_one_line_within_seconds(tmp_path, capsys, monkeypatch):
+    """No HF_HUB_OFFLINE, but no Hub either (a local port where nothing listens)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", url)
+    t0 = time.perf_counter()
+    code, out, err = cli(capsys, "--dataset", "roneneldan/TinyStories", "--out", str(tmp_path / "out"))
+    assert time.perf_counter() - t0 < 10
+    assert (code, out) == (1, "")
+    assert err.splitlines() == [f"error: cannot reach the Hugging Face Hub ({url}) to fetch dataset "
+                                "roneneldan/TinyStories (use a local path (--dataset path/to/stories.txt) or "
+                                "--dataset sample (bundled stories))"]
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("args,message", [
     (["--tokenizer", "gpt2"], "unknown tokenizer 'gpt2' (use `mistral` or `bpe:N` (e.g. bpe:4096))"),
     (["--set", "data.val_fraction=1.5"], "data.val_fraction must be between 0 and 1, got 1.5 (e.g. 0.01)"),
