@@ -203,6 +203,31 @@ def test_worker_processes_give_the_same_bytes(spec, tmp_path, monkeypatch):
         assert (two / f"{split}.bin").read_bytes() == (one / f"{split}.bin").read_bytes()
 
 
+@pytest.mark.parametrize("vocab,dtype", [(512, "uint16"), (65536, "uint16"), (65537, "uint32")])
+def test_dtype_is_uint16_while_every_id_fits(vocab, dtype):
+    from tinystory.tokenizer import TokenizerFiles
+
+    assert TokenizerFiles(Path("."), "", vocab, 0, 1, 2, 2).dtype == dtype
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_uint32_streams_are_written_and_read_back(nproc, sample300, tmp_path, monkeypatch):
+    """A vocab past 65,536 ids: the same tokens, 4 bytes each (here, in-process and in workers)."""
+    import tinystory.packing
+    import tinystory.prepare as P
+    import tinystory.tokenizer
+
+    monkeypatch.setattr(tinystory.tokenizer.TokenizerFiles, "dtype", property(lambda self: "uint32"))
+    monkeypatch.setattr(P, "POOL_MIN_BYTES", 0)
+    monkeypatch.setattr(tinystory.packing, "SPOOL_BLOCK", 1 << 14)
+    data = open_prepared(P.prepare(settings(max_stories=300, num_proc=nproc, out=str(tmp_path / "p"))))
+    assert data.meta["dtype"] == "uint32" and data.meta["seconds"]["processes"] == nproc
+    assert data.meta["tokenizer"]["sha256"] == sample300.meta["tokenizer"]["sha256"]
+    for split in ("train", "val"):
+        assert (tmp_path / "p" / f"{split}.bin").stat().st_size == 4 * data.meta["splits"][split]["tokens"]
+        assert np.asarray(data.tokens(split)).tolist() == np.asarray(sample300.tokens(split)).tolist()
+
+
 def test_a_dead_worker_is_one_line_exit_1_and_nothing_written(mistral_cached, tmp_path):
     # the whole sample (more than POOL_MIN_BYTES) in 2 worker processes; the worker of the
     # first block exits with code 3
