@@ -319,6 +319,22 @@ def test_other_formats(tmp_path, fmt):
     assert stories_of(data, "train") == train and stories_of(data, "val") == val
 
 
+def test_file_names_give_the_split(tmp_path, capsys):
+    from tinystory.sources import _with_roles
+
+    names = ["train-00.txt", "Train_01.jsonl", "validation.jsonl", "val_00.parquet", "valid-3.txt", "valley.txt",
+             "notes.txt"]
+    srcs = _with_roles([tmp_path / n for n in names])
+    assert [(Path(s.label).name, s.role) for s in srcs] == [
+        ("validation.jsonl", "val"), ("val_00.parquet", "val"), ("valid-3.txt", "val"),
+        ("train-00.txt", "train"), ("Train_01.jsonl", "train")]
+    assert capsys.readouterr().err == (f"warning: ignored (named neither train* nor valid*): {tmp_path / 'valley.txt'}, "
+                                       f"{tmp_path / 'notes.txt'}\n")
+    # without both kinds of name, every file is split by hash
+    assert {s.role for s in _with_roles([tmp_path / "train.txt", tmp_path / "more.txt"])} == {"hash"}
+    assert {s.role for s in _with_roles([tmp_path / "validation.txt"])} == {"hash"}
+
+
 def test_glob_and_max_stories(tmp_path):
     from tinystory.prepare import prepare
 
