@@ -31,6 +31,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
         (["--version"], {}),
         (["train", "--help"], {}),
         (["generate", "--help"], {}),
+        (["prepare", "--help"], {}),
         ([], {"_TINYSTORY_COMPLETE": "complete_bash", "COMP_WORDS": "tinystory tr", "COMP_CWORD": "1"}),
     ],
 )
@@ -84,11 +85,46 @@ def test_keyboard_interrupt_exits_130(monkeypatch, capsys):
     def interrupted(**kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(app_module, "app", interrupted)
+    monkeypatch.setattr(app_module, "_app_for", lambda args: interrupted)
     with pytest.raises(SystemExit) as e:
         main(["config", "path"])
     assert e.value.code == 130
     assert "error: interrupted" in capsys.readouterr().err
+
+
+def test_a_command_runs_in_an_app_that_holds_only_it(monkeypatch):
+    from typer.main import get_command
+
+    import tinystory.cli.app as app_module
+    from tinystory.cli.completions import COMPLETE_VAR
+
+    assert set(get_command(app).commands) == set(app_module.COMMANDS) == {
+        "prepare", "train", "eval", "generate", "quantize", "push", "serve", "profiles", "config"}
+    assert set(get_command(app_module._app_for(["prepare", "--help"])).commands) == {"prepare"}
+    assert set(get_command(app_module._app_for(["config", "path"])).commands) == {"config"}
+    assert app_module._app_for([]) is app and app_module._app_for(["--version"]) is app
+    monkeypatch.setenv(COMPLETE_VAR, "complete_bash")  # completion needs every command
+    assert app_module._app_for(["prepare"]) is app
+
+
+def test_main_in_process_returns_instead_of_ending_the_process(capsys):
+    # a QUICK_EXIT command ends the process only when main() has the process's own argv
+    with pytest.raises(SystemExit) as e:
+        main(["profiles"])
+    assert e.value.code == 0 and "rtx2070" in capsys.readouterr().out
+
+
+def test_quick_exit_keeps_all_of_a_redirected_stdout(tmp_path):
+    # `prepare` prints its result with print(); to a file, stdout is block-buffered, so the
+    # quick exit has to flush it (the summary on stderr goes through rich)
+    dest = tmp_path / "p"
+    with open(tmp_path / "out.txt", "w") as out, open(tmp_path / "err.txt", "w") as err:
+        r = subprocess.run([sys.executable, "-m", "tinystory", "prepare", "--profile", "tiny", "--dataset", "sample",
+                            "--max-stories", "30", "--out", str(dest)], stdout=out, stderr=err, timeout=120,
+                           env={k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"})
+    assert r.returncode == 0, (tmp_path / "err.txt").read_text()
+    assert (tmp_path / "out.txt").read_text() == f"{dest}\n"
+    assert "prepared data (bpe:" in (tmp_path / "err.txt").read_text()
 
 
 def test_config_show_prints_sources(tmp_path):

@@ -4,6 +4,10 @@ Nothing here imports torch, transformers, datasets, bitsandbytes or wandb: `--he
 `--version` and tab completion stay instant. Errors become one red line on stderr with a
 stable exit code: 1 for a tinystory error, 2 for usage, 130 for Ctrl-C;
 TINYSTORY_DEBUG=1 shows the traceback.
+
+`main` runs a command in an app that holds only that command (`build(only=...)`), and the
+commands in QUICK_EXIT end the process without the interpreter's tear-down: both only make
+the start and the end sooner (every millisecond shows on a 0.5 s `prepare`).
 """
 
 from __future__ import annotations
@@ -15,16 +19,22 @@ from typing import Annotated, Optional
 import typer
 
 from tinystory import __version__
+from tinystory.cli.completions import COMPLETE_VAR
 
-app = typer.Typer(
-    name="tinystory",
-    help="Train a small story-telling language model from scratch, then measure it, talk to it, "
-    "shrink it and publish it.",
-    no_args_is_help=True,
-    add_completion=True,
-    pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
+# commands that close every file they open and start no threads, so a successful run may end
+# the process without tearing the interpreter down (only when `main` is the process's entry)
+QUICK_EXIT = {"prepare", "profiles", "config"}
+COMMANDS = {  # name -> (module in tinystory.cli, function, help)
+    "prepare": ("prepare", "prepare", "Text -> tokenizer + packed token shards (train.bin, val.bin, meta.json)."),
+    "train": ("train", "train", "Train a model on prepared data; writes a run dir."),
+    "eval": ("eval_cmd", "eval_", "Loss, perplexity, bits per byte and story diversity of trained models."),
+    "generate": ("generate", "generate", "Tell a story: stream a continuation of a prompt to stdout."),
+    "quantize": ("quantize", "quantize", "Make a smaller, faster model: int8, bitsandbytes or GGUF for llama.cpp."),
+    "push": ("push", "push", "Publish a run to the Hugging Face Hub with a model card."),
+    "serve": ("serve", "serve", "Serve a model: a web page and an OpenAI-compatible API."),
+    "profiles": ("config_cmd", "profiles", "List the hardware profiles and what each sets."),
+    "config": ("config_cmd", "config_app", "Show the resolved settings and where each value came from."),
+}
 
 
 def _version(value: bool) -> None:
@@ -33,31 +43,42 @@ def _version(value: bool) -> None:
         raise typer.Exit(0)
 
 
-@app.callback()
-def _root(
-    version: Annotated[
-        Optional[bool],
-        typer.Option("--version", "-V", callback=_version, is_eager=True, help="Show the version and exit."),
-    ] = None,
-) -> None:
-    """Train a small story-telling language model from scratch."""
+def build(only: str | None = None) -> typer.Typer:
+    """The Typer app with every command, or with just `only` (what `main` runs a command
+    with: typer then works out one command's options instead of all of them, ~0.02 s
+    sooner on every start)."""
+    from importlib import import_module
+
+    application = typer.Typer(
+        name="tinystory",
+        help="Train a small story-telling language model from scratch, then measure it, talk to it, "
+        "shrink it and publish it.",
+        no_args_is_help=True,
+        add_completion=True,
+        pretty_exceptions_enable=False,
+        context_settings={"help_option_names": ["-h", "--help"]},
+    )
+
+    @application.callback()
+    def _root(
+        version: Annotated[
+            Optional[bool],
+            typer.Option("--version", "-V", callback=_version, is_eager=True, help="Show the version and exit."),
+        ] = None,
+    ) -> None:
+        """Train a small story-telling language model from scratch."""
+
+    for name, (module, attr, help_) in COMMANDS.items():
+        if only is None or name == only:
+            target = getattr(import_module(f"tinystory.cli.{module}"), attr)
+            if isinstance(target, typer.Typer):
+                application.add_typer(target, name=name, help=help_)
+            else:
+                application.command(name, help=help_)(target)
+    return application
 
 
-def _register() -> None:
-    from tinystory.cli import config_cmd, eval_cmd, generate, prepare, push, quantize, serve, train
-
-    app.command("prepare", help="Text -> tokenizer + packed token shards (train.bin, val.bin, meta.json).")(prepare.prepare)
-    app.command("train", help="Train a model on prepared data; writes a run dir.")(train.train)
-    app.command("eval", help="Loss, perplexity, bits per byte and story diversity of trained models.")(eval_cmd.eval_)
-    app.command("generate", help="Tell a story: stream a continuation of a prompt to stdout.")(generate.generate)
-    app.command("quantize", help="Make a smaller, faster model: int8, bitsandbytes or GGUF for llama.cpp.")(quantize.quantize)
-    app.command("push", help="Publish a run to the Hugging Face Hub with a model card.")(push.push)
-    app.command("serve", help="Serve a model: a web page and an OpenAI-compatible API.")(serve.serve)
-    app.command("profiles", help="List the hardware profiles and what each sets.")(config_cmd.profiles)
-    app.add_typer(config_cmd.config_app, name="config", help="Show the resolved settings and where each value came from.")
-
-
-_register()
+app = build()
 
 
 def _fail(message: str, code: int) -> None:
@@ -76,15 +97,38 @@ def _click_exceptions():  # type: ignore[no-untyped-def]
     return exceptions
 
 
+def _quick_exit() -> None:
+    """End the process now: what is printed is flushed, and the interpreter's tear-down
+    (~0.03 s after `prepare`: modules, a last garbage collection) is skipped."""
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BrokenPipeError:
+        pass
+    os._exit(0)
+
+
+def _app_for(args: list[str]) -> typer.Typer:
+    """`app`, or an app with only the command that `args` name (not for completion, which
+    needs them all)."""
+    if args and args[0] in COMMANDS and COMPLETE_VAR not in os.environ:
+        return build(only=args[0])
+    return app
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the console script and `python -m tinystory`."""
+    """Entry point of the console script and `python -m tinystory` (argv None: the
+    process's own arguments, and a QUICK_EXIT command may end the process)."""
     from tinystory.errors import TinystoryError
 
     click = _click_exceptions()
 
     debug = os.environ.get("TINYSTORY_DEBUG", "").strip() not in ("", "0")
     try:
-        rv = app(args=argv, prog_name="tinystory", standalone_mode=False)
+        args = sys.argv[1:] if argv is None else argv
+        rv = _app_for(args)(args=argv, prog_name="tinystory", standalone_mode=False)
+        if argv is None and rv is None and args and args[0] in QUICK_EXIT:  # ran (not --help)
+            _quick_exit()
         raise SystemExit(rv if isinstance(rv, int) else 0)
     except TinystoryError as e:
         if debug:
