@@ -242,6 +242,26 @@ def test_a_dead_worker_is_one_line_exit_1_and_nothing_written(mistral_cached, tm
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="F_SETPIPE_SZ is Linux's")
+def test_worker_answer_pipes_hold_a_whole_answer(mistral_cached):
+    # a 0.5 MB block answers ~0.26 MB of uint16: in a 64 KB pipe the worker would wait for
+    # the parent (which reads the answers in task order) before its next block
+    import fcntl
+
+    from tinystory.packing import ANSWER_PIPE, Workers
+    from tinystory.tokenizer import describe_files
+
+    if int(Path("/proc/sys/fs/pipe-max-size").read_text()) < ANSWER_PIPE:
+        pytest.skip("this kernel caps pipes below 1 MB")
+    tok = describe_files(mistral_cached, memo=True)
+    workers = Workers(2, mistral_cached / "tokenizer.json", tok.bos_id, tok.eos_id, tok.dtype, tok.chunking)
+    try:
+        sizes = [fcntl.fcntl(p.stdout.fileno(), fcntl.F_GETPIPE_SZ) for p in workers.procs]
+    finally:
+        workers.close()
+    assert sizes == [ANSWER_PIPE, ANSWER_PIPE]
+
+
 def test_seen_set_finds_old_and_new_hashes():
     import random
 

@@ -237,6 +237,7 @@ def worker_main(argv: list[str]) -> None:
     kind = None if argv[4] == "none" else argv[4]
     enc = ChunkEncoder(Path(argv[0]), int(argv[1]), int(argv[2]), argv[3], kind=kind)
     serve(enc, sys.stdin.buffer, sys.stdout.buffer)
+    os._exit(0)  # nothing to tear down (~0.02 s with the vocab and the chunk cache): the parent waits for this
 
 
 def serve(enc: ChunkEncoder, tasks: BinaryIO, out: BinaryIO) -> None:

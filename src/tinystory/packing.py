@@ -29,6 +29,7 @@ from tinystory.data import ITEMSIZE
 from tinystory.errors import TinystoryError
 
 SPOOL_BLOCK = 1 << 19  # bytes of text per block: the unit of encoding work
+ANSWER_PIPE = 1 << 20  # bytes a worker's answer pipe holds (Linux's default pipe-max-size)
 CRASH_HOOK = "_TINYSTORY_PREPARE_CRASH"  # tests: "kill" / "interrupt" after the first write
 
 
@@ -164,6 +165,8 @@ class Workers:
                kind or "none"]
         self.procs = [subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
                                        start_new_session=True) for _ in range(n)]
+        for proc in self.procs:
+            widen_pipe(proc.stdout.fileno())  # type: ignore[union-attr]
 
     def submit(self, i: int, spool: Path, offset: int, nbytes: int) -> None:
         proc = self.procs[i % len(self.procs)]
@@ -203,6 +206,23 @@ class Workers:
         for proc in self.procs:
             proc.wait()
             proc.stdout.close()  # type: ignore[union-attr]
+
+
+def widen_pipe(fd: int, size: int = ANSWER_PIPE) -> int | None:
+    """Grow the pipe `fd` to `size` bytes where the OS allows it (Linux); its size, or None.
+
+    The parent reads the answers in task order, so while it waits for one worker the
+    other's finished answer (~0.26 MB of uint16 for a 0.5 MB block) sits in its pipe. In a
+    64 KB pipe that worker stalls until the parent gets to it (on the 6.4 MB benchmark
+    input the two workers waited 0.04-0.075 s in all on their writes); in a 1 MB pipe it
+    goes on with its next block (0.002-0.013 s)."""
+    try:
+        import fcntl
+
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, size)
+        return fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ)
+    except (ImportError, AttributeError, OSError):  # not Linux, or above /proc/sys/fs/pipe-max-size
+        return None
 
 
 def crash_hook(out: Any) -> None:

@@ -187,6 +187,7 @@ def _build(tmp: Path, settings: Settings, srcs: list[sources.Source], spec: str,
     try:
         if kind == "mistral":  # known up front: encode while reading
             tok = _start(packer, tokenizer.mistral_folder(), tmp, processes)
+            console()  # rich's import (~0.03 s) while the workers load the tokenizer, not after the last block
         times["tokenizer"] = time.perf_counter()
         with Meter("read + clean" + (" + encode" if packer.started else "")) as meter:
             packer.meter = meter
