@@ -112,6 +112,43 @@ def test_describe_files_memo_is_reused_until_the_files_change(mistral, tmp_path,
     assert T.describe_files(tmp_path, memo=True) == changed and calls == [1, 1]
 
 
+def test_quick_load_file_is_the_same_tokenizer(mistral, tmp_path):
+    import json
+
+    from tokenizers import Tokenizer
+
+    T.save(mistral, tmp_path)
+    quick = T.quick_load_file(tmp_path)
+    assert quick.parent == tmp_path and quick.name.startswith("tokenizer.quick-")
+    assert quick.stat().st_size < 0.5 * (tmp_path / "tokenizer.json").stat().st_size  # "a b" merges, no indent
+    assert json.loads(quick.read_text())["model"]["merges"][0] == "▁ ▁"
+    fast, full = Tokenizer.from_file(str(quick)), Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    assert fast.to_str() == full.to_str()
+    stories = sample_stories("val", 50)
+    assert [e.ids for e in fast.encode_batch(stories)] == [e.ids for e in full.encode_batch(stories)]
+    made = quick.stat().st_mtime_ns
+    assert T.quick_load_file(tmp_path) == quick and quick.stat().st_mtime_ns == made  # made once
+    data = json.loads((tmp_path / "tokenizer.json").read_text())
+    data["added_tokens"][0]["content"] = "<unknown>"  # other bytes: another quick file, never a stale one
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    again = T.quick_load_file(tmp_path)
+    assert again != quick and Tokenizer.from_file(str(again)).to_str() == Tokenizer.from_file(
+        str(tmp_path / "tokenizer.json")).to_str()
+
+
+def test_quick_load_file_keeps_merges_that_hold_a_space(tmp_path):
+    import json
+
+    from tokenizers import Tokenizer, models
+
+    merges = [("a", "b"), ("ab", " c")]
+    vocab = {"a": 0, "b": 1, " c": 2, "ab": 3, "ab c": 4}
+    Tokenizer(models.BPE(vocab, merges)).save(str(tmp_path / "tokenizer.json"))
+    assert json.loads((tmp_path / "tokenizer.json").read_text())["model"]["merges"][1] == ["ab", " c"]
+    assert T.quick_load_file(tmp_path) == tmp_path / "tokenizer.json"  # "ab  c" would be ambiguous
+    assert not list(tmp_path.glob("tokenizer.quick-*"))
+
+
 def test_installed_version_agrees_with_importlib_metadata():
     from importlib.metadata import version
 

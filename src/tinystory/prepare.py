@@ -226,12 +226,15 @@ def _build(tmp: Path, settings: Settings, srcs: list[sources.Source], spec: str,
 def _start(packer: Packer, files: Path, tmp: Path, processes: bool) -> TokenizerFiles:
     """The tokenizer files in `files` become the prepared folder's (`tmp`); workers load them
     from `files`, while they are copied."""
-    from tinystory.tokenizer import describe_files
+    from tinystory.tokenizer import describe_files, quick_load_file
 
-    # a cache folder (Mistral) keeps its description; a BPE trained here is described once
-    tok = dataclasses.replace(describe_files(files, memo=files != tmp), folder=tmp)
-    packer.start(files / "tokenizer.json", tok.bos_id, tok.eos_id, tok.dtype, tok.chunking, processes)
-    if files != tmp:  # (while the workers load the tokenizer)
+    # a cache folder (Mistral) keeps its description and a copy that loads sooner; a BPE
+    # trained here is described once (and is small: it loads quickly as it is)
+    cached = files != tmp
+    tok = dataclasses.replace(describe_files(files, memo=cached), folder=tmp)
+    load = quick_load_file(files) if cached else files / "tokenizer.json"
+    packer.start(load, tok.bos_id, tok.eos_id, tok.dtype, tok.chunking, processes)
+    if cached:  # (while the workers load the tokenizer)
         for name in TOKENIZER_FILES:
             if (files / name).is_file():
                 shutil.copyfile(files / name, tmp / name)

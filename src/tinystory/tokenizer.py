@@ -128,6 +128,34 @@ def mistral_folder() -> Path:
     return folder
 
 
+def quick_load_file(folder: Path) -> Path:
+    """The folder's tokenizer.json written to load sooner, for `prepare`'s encoders: merges
+    as "a b" strings and no indentation (the Mistral vocab loads in ~0.06 s instead of ~0.09 s
+    in a new process, and every worker loads it before its first block). Made once beside
+    tokenizer.json, named by a hash of its bytes (so it never outlives them); used only when
+    it loads into the very same tokenizer (same serialization), else tokenizer.json itself
+    is the answer."""
+    path = folder / "tokenizer.json"
+    raw = path.read_bytes()
+    dest = folder / f"tokenizer.quick-{hashlib.sha256(raw).hexdigest()[:16]}.json"
+    if dest.is_file():
+        return dest
+    data = json.loads(raw)
+    merges = (data.get("model") or {}).get("merges")
+    if not merges or not all(isinstance(m, list) and len(m) == 2 and " " not in m[0] + m[1] for m in merges):
+        return path  # nothing to gain, or a token with a space ("a b" would be ambiguous)
+    data["model"]["merges"] = [" ".join(m) for m in merges]
+    text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    from tokenizers import Tokenizer
+
+    if Tokenizer.from_str(text).to_str() != Tokenizer.from_str(raw.decode("utf-8")).to_str():
+        return path
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, dest)  # whole, or not at all
+    return dest
+
+
 def installed_version(package: str) -> str:
     """The installed version of `package`, without importing it: read off its
     `<name>-<version>.dist-info` folder beside it (importing importlib.metadata alone costs
