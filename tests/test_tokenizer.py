@@ -136,6 +136,24 @@ def test_quick_load_file_is_the_same_tokenizer(mistral, tmp_path):
         str(tmp_path / "tokenizer.json")).to_str()
 
 
+def test_quick_load_file_that_cannot_be_written_is_the_original(mistral, tmp_path, monkeypatch):
+    # a full (or read-only) cache: prepare loads tokenizer.json as before, and no partial copy stays
+    import errno
+    from pathlib import Path
+
+    T.save(mistral, tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    real = Path.write_text
+
+    def disk_full(self, text, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        real(self, text[:1000], *args, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    assert T.quick_load_file(tmp_path) == tmp_path / "tokenizer.json"
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
 def test_quick_load_file_keeps_merges_that_hold_a_space(tmp_path):
     import json
 

@@ -151,8 +151,13 @@ def quick_load_file(folder: Path) -> Path:
     if Tokenizer.from_str(text).to_str() != Tokenizer.from_str(raw.decode("utf-8")).to_str():
         return path
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, dest)  # whole, or not at all
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, dest)  # whole, or not at all
+    except OSError:  # a read-only or full cache: load the original, as before
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        return path
     return dest
 
 

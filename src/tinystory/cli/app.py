@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+from functools import lru_cache
 from typing import Annotated, Optional
 
 import typer
@@ -78,7 +79,17 @@ def build(only: str | None = None) -> typer.Typer:
     return application
 
 
-app = build()
+@lru_cache(maxsize=1)
+def _full_app() -> typer.Typer:
+    return build()
+
+
+def __getattr__(name: str) -> typer.Typer:
+    """`app`: the app with every command, built on first use (a command's run builds its
+    own with `build(only=...)`, so it never imports the other commands' modules)."""
+    if name == "app":
+        return _full_app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _fail(message: str, code: int) -> None:
@@ -109,11 +120,11 @@ def _quick_exit() -> None:
 
 
 def _app_for(args: list[str]) -> typer.Typer:
-    """`app`, or an app with only the command that `args` name (not for completion, which
-    needs them all)."""
+    """An app with only the command that `args` name, else (and for completion, which
+    needs them all) the full one."""
     if args and args[0] in COMMANDS and COMPLETE_VAR not in os.environ:
         return build(only=args[0])
-    return app
+    return _full_app()
 
 
 def main(argv: list[str] | None = None) -> None:
