@@ -18,7 +18,7 @@ not counted), peak RSS of the largest single process (getrusage of the finished 
 the peak sum of RSS over the live process tree (psutil, sampled every 20 ms; pages that
 llama2.c's forked pool workers share with their parent count once per process). Medians of
 `--repeats` runs, interleaved, with the load average before each run (the machine may be
-shared). Writes benchmarks/results/prepare.json.
+shared). Writes benchmarks/results/prepare.json (`--out` for another name, e.g. one per CPU).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import cpu_name  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
+from _common import cpu_id, cpu_name  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "tinystories"
@@ -164,6 +164,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--scales", default="1,3")
     ap.add_argument("--num-proc", type=int, default=0, help="processes for every contender (0 = cores)")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "prepare.json",
+                    help="where the JSON results go")
     ap.add_argument("--llama2c", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.llama2c:
@@ -172,7 +174,7 @@ def main() -> None:
 
     nproc = args.num_proc or cores()
     env = {**os.environ, "TINYSTORY_PLAIN": "1", "HF_HUB_OFFLINE": "1"}
-    results: dict = {"cpu": cpu_name(), "cores": os.cpu_count(), "processes": nproc, "runs": {}}
+    results: dict = {"cpu": cpu_name(), "cpu_id": cpu_id(), "cores": os.cpu_count(), "processes": nproc, "runs": {}}
     # Bytecode for our modules (and this script's import of tinystory.tokenizer), as an
     # installed package has it: where PYTHONDONTWRITEBYTECODE is set (this sandbox), every
     # run would otherwise compile ~25 modules of an editable install anew (~0.04 s).
@@ -202,13 +204,14 @@ def main() -> None:
                     print(f"x{scale} {name}: {r['wall_s']:.2f} s (load {load:.1f})", file=sys.stderr)
             results["runs"][f"x{scale}"] = {name: summarize(rs) for name, rs in runs.items()}
     print_table(results)
-    dest = ROOT / "benchmarks" / "results" / "prepare.json"
-    dest.parent.mkdir(exist_ok=True)
+    dest = args.out
+    dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(json.dumps(results, indent=2))
 
 
 def print_table(results: dict) -> None:
-    print(f"CPU: {results['cpu']} ({results['cores']} cores), {results['processes']} processes each; "
+    print(f"CPU: {results['cpu']} {results.get('cpu_id', '')} ({results['cores']} cores), "
+          f"{results['processes']} processes each; "
           f"medians of {len(next(iter(results['runs'].values()))['ours mistral']['walls'])} runs")
     print("| input | contender | text MB | wall s | CPU s | MB/s | text tokens/s | tokens/CPU-s "
           "| peak RSS, largest process | peak RSS, process tree |")
