@@ -593,7 +593,7 @@ ODD = ["  two leading", "trailing  ", "a  b   c", "x▁y ▁z", "tab\there\n\nne
 def test_chunk_encoder_gives_the_tokenizers_ids(which, bpe_tokenizer, tmp_path):
     from tokenizers import Tokenizer
 
-    from tinystory.encoder import GROUP, ChunkEncoder
+    from tinystory.encoder import ChunkEncoder, chunk_kind
     from tinystory.tokenizer import load_mistral
 
     tok = load_mistral() if which == "mistral" else bpe_tokenizer
@@ -602,18 +602,30 @@ def test_chunk_encoder_gives_the_tokenizers_ids(which, bpe_tokenizer, tmp_path):
     core = Tokenizer.from_str(js)
     expected = [i for e in core.encode_batch_fast(texts, add_special_tokens=False) for i in (1, *e.ids, 2)]
     enc = ChunkEncoder(js, 1, 2, "uint16", cache_limit=2000)  # small: the cache restarts several times
-    assert enc.kind == ("space" if which == "mistral" else "bytelevel")
+    assert (enc.kind, enc.newlines) == (("space", True) if which == "mistral" else ("bytelevel", False))
     got = np.concatenate([enc.encode(texts[i : i + 100]) for i in range(0, len(texts), 100)])
     assert got.tolist() == expected
-    # from the file, told the kind (as `prepare`'s workers are), with the whole batch at once:
-    # new keys go to the tokenizer in groups of up to GROUP words
+    # from the file, told the kind (as `prepare`'s workers are), with the whole batch at once
     path = tmp_path / "tokenizer.json"
     path.write_text(js, encoding="utf-8")
-    enc = ChunkEncoder(path, 1, 2, "uint32", kind=enc.kind)
-    got = np.frombuffer(enc.encode_bytes(texts), dtype=np.uint32)
-    assert got.dtype == np.uint32 and got.tolist() == expected
-    if which == "mistral":
-        assert len(enc.cache) > 2 * GROUP  # (so several groups were cut and regrouped)
+    kind = chunk_kind(json.loads(js))
+    assert kind == {"mistral": "space+newline", "bpe": "bytelevel"}[which]
+    keys = {}
+    for kind in [kind, "space"] if which == "mistral" else [kind]:  # also without the cut at newlines
+        enc = ChunkEncoder(path, 1, 2, "uint32", kind=kind)
+        got = np.frombuffer(enc.encode_bytes(texts), dtype=np.uint32)
+        assert got.dtype == np.uint32 and got.tolist() == expected
+        keys[kind] = [k for k in enc.cache if isinstance(k, str)]
+    if which == "mistral":  # cut before every newline: a newline opens a key or is in none
+        cut = keys["space+newline"]
+        assert all("\n" not in k[1:] for k in cut) and any("\n" in k[1:] for k in keys["space"])
+        assert len(cut) < 0.9 * len(keys["space"])  # fewer distinct keys (x1 of the shared text: -29%)
+        newline = core.token_to_id("<0x0A>")
+        enc = ChunkEncoder(path, 1, 2, "uint16", kind="space+newline")
+        ids = core.encode("end.\n\nThe", add_special_tokens=False).ids
+        assert enc.encode(["end.\n\nThe"]).tolist() == [1, *ids, 2] and ids[-3:-1] == [newline, newline]
+        assert np.frombuffer(enc.cache["\n"], np.uint16).tolist() == [newline]
+        assert np.frombuffer(enc.cache["\nThe"], np.uint16).tolist() == ids[-2:]  # no ▁
 
 
 # ---------------------------------------------------------------------- hub dataset

@@ -92,7 +92,7 @@ def test_describe_files_agrees_with_the_loaded_tokenizer(which, mistral, bpe_tok
     assert files.vocab_size == len(tok) == {"mistral": 32000, "bpe": 512}[which]
     assert (files.unk_id, files.bos_id, files.eos_id, files.pad_id) == (0, 1, 2, 2)
     assert files.dtype == "uint16"
-    assert files.chunking == {"mistral": "space", "bpe": "bytelevel"}[which]
+    assert files.chunking == {"mistral": "space+newline", "bpe": "bytelevel"}[which]
     assert not (tmp_path / T.DESCRIPTION).exists()  # a prepared folder gets no memo
 
 

@@ -197,7 +197,7 @@ class TokenizerFiles:
 
 
 DESCRIPTION = "tinystory-description.json"  # describe_files(memo=True) keeps its answer here
-DESCRIPTION_VERSION = 1  # bump when TokenizerFiles or chunk_kind changes
+DESCRIPTION_VERSION = 2  # bump when TokenizerFiles or chunk_kind changes
 
 
 def describe_files(folder: str | Path, memo: bool = False) -> TokenizerFiles:
