@@ -38,7 +38,7 @@ class Spool:
 
     def __init__(self, path: Path, split: str, on_block: Callable[[Spool, int, int], None] | None = None) -> None:
         self.path, self.split, self.on_block = path, split, on_block
-        self.file = open(path, "wb")  # noqa: SIM115 - closed by close()
+        self.file = open(path, "wb", buffering=SPOOL_BLOCK)  # noqa: SIM115 - closed by close(); flushed per block
         self.blocks: list[tuple[int, int]] = []  # (offset, nbytes)
         self.start = self.pos = 0
         self.stories = self.bytes = 0
