@@ -85,8 +85,6 @@ def llama2c_main(data: str, out: str, nproc: int) -> None:
 def measure(cmd: list[str], env: dict[str, str], sample: bool = False) -> dict:
     """Run `cmd` under a wrapper that times it and reports its tree's CPU time and largest
     maxrss; with `sample`, also watch the tree's summed RSS (which slows the job)."""
-    import psutil
-
     wrapper = ("import resource, subprocess, sys, json, time\n"
                "t = time.perf_counter()\n"
                "r = subprocess.run(sys.argv[1:])\n"
@@ -98,6 +96,8 @@ def measure(cmd: list[str], env: dict[str, str], sample: bool = False) -> dict:
                             stderr=subprocess.PIPE, text=True, env=env)
     peak_tree = 0
     if sample:
+        import psutil
+
         root = psutil.Process(proc.pid)
         while proc.poll() is None:
             try:
@@ -110,8 +110,11 @@ def measure(cmd: list[str], env: dict[str, str], sample: bool = False) -> dict:
     report = json.loads(err.strip().splitlines()[-1])
     if report["rc"] != 0:
         raise RuntimeError(f"{cmd} failed:\n{err[-3000:]}")
-    return {"wall_s": report["wall_s"], "cpu_s": report["cpu_s"], "peak_rss_max_mb": report["maxrss_kb"] / 1024,
-            "peak_rss_tree_mb": peak_tree / 2**20, "stdout": out}
+    r = {"wall_s": report["wall_s"], "cpu_s": report["cpu_s"], "peak_rss_max_mb": report["maxrss_kb"] / 1024,
+         "stdout": out}
+    if sample:  # an unsampled run has no tree figure (not a 0)
+        r["peak_rss_tree_mb"] = peak_tree / 2**20
+    return r
 
 
 def make_inputs(tmp: Path, scale: int) -> Path:
