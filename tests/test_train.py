@@ -461,3 +461,29 @@ def test_no_cpu_compiler_warns_once_and_trains_eagerly(monkeypatch, capsys) -> N
     lines = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
     assert lines == ["warning: torch.compile needs a C++ compiler on a CPU (none found): training without it, "
                      "~10% slower"]
+
+
+def test_peak_flops_stops_early_on_a_slow_dtype(monkeypatch) -> None:
+    # Guards the start of training on CPUs without native bf16: one emulated 1024^3 bf16
+    # matmul took 2.6 s on an AMD EPYC family 23, and a fixed count of repetitions at
+    # 512, 1024 and 2048 held `train` up for minutes before its first step.
+    import time as time_mod
+
+    import torch
+
+    from tinystory import precision
+
+    sizes = []
+    real = torch.matmul
+
+    def slow(a, b):  # type: ignore[no-untyped-def]
+        sizes.append(a.shape[0])
+        time_mod.sleep(0.05 * (a.shape[0] / 512) ** 3)  # 0.05 s at 512, 0.4 s at 1024
+        return real(a[:2, :2], b[:2, :2])
+
+    monkeypatch.setattr(torch, "matmul", slow)
+    t0 = time_mod.perf_counter()
+    peak = precision.peak_flops(torch.float32, seconds=0.1)
+    assert time_mod.perf_counter() - t0 < 1.5
+    assert sizes == [512, 512, 512, 1024]  # warm-up + two timed at 512; 1024's warm-up alone ends it
+    assert 2 * 512**3 / 0.05 * 0.7 < peak < 2 * 512**3 / 0.05 * 1.05  # the 512 rate, measured

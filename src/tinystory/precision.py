@@ -116,19 +116,28 @@ def probe(model: torch.nn.Module, batch_shape: tuple[int, int], steps: int = 2,
 
 
 def matmul_peak(dtype: torch.dtype, device: str = "cpu", n: int = 1024, seconds: float = 0.3) -> float:
-    """Measured dense matmul throughput (FLOP/s) of this device in `dtype`: the MFU denominator."""
+    """Measured dense matmul throughput (FLOP/s) of this device in `dtype`: the MFU denominator.
+
+    Stops after `seconds`, or after the warm-up alone when that took longer: a CPU without
+    native bf16 (an AMD EPYC family 23 here) needs ~2.6 s for one 1024^3 bf16 matmul, so a
+    fixed number of repetitions would hold up the start of training for minutes."""
     import torch
 
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
-    torch.matmul(a, b)  # warm up (kernel selection, caches)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    t0 = time.perf_counter()
+    torch.matmul(a, b)  # warm up (kernel selection, caches)
     sync()
+    warm = time.perf_counter() - t0
+    if warm >= seconds:
+        return 2 * n**3 / warm
+    every = 4 if device == "cuda" else 1  # a CUDA sync costs time; a CPU matmul has ended when it returns
     reps, t0 = 0, time.perf_counter()
     while True:
         torch.matmul(a, b)
         reps += 1
-        if reps % 4 == 0:
+        if reps % every == 0:
             sync()
             elapsed = time.perf_counter() - t0
             if elapsed >= seconds:
@@ -138,6 +147,13 @@ def matmul_peak(dtype: torch.dtype, device: str = "cpu", n: int = 1024, seconds:
 def peak_flops(dtype: torch.dtype, device: str = "cpu", seconds: float = 0.1) -> float:
     """The MFU denominator: the best `matmul_peak` over the square sizes where this device
     peaks (CPU: 512, 1024 and 2048, `seconds` each; CUDA: 4096). The live display and
-    benchmarks/bench_train.py use the same sizes, so their MFU figures agree."""
+    benchmarks/bench_train.py use the same sizes, so their MFU figures agree. A size whose
+    single matmul already takes longer than `seconds` ends the search (the next is 8x more)."""
     sizes = (4096,) if device == "cuda" else (512, 1024, 2048)
-    return max(matmul_peak(dtype, device, n=n, seconds=seconds) for n in sizes)
+    best = 0.0
+    for n in sizes:
+        rate = matmul_peak(dtype, device, n=n, seconds=seconds)
+        best = max(best, rate)
+        if 2 * n**3 / rate >= seconds:
+            break
+    return best
