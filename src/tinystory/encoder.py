@@ -20,6 +20,10 @@ tokenizer, and assemble the ids with one `bytes.join`. The ids are the tokenizer
   TinyStories. A new key goes straight to the BPE model, as it is met (`SpaceChunks`).
 - byte-level BPE (GPT-2 regex pre-tokenizer): BPE runs inside each regex match anyway; a
   chunk is one match (Python's `re` for ASCII text, which is faster, `regex` otherwise).
+  The same holds for a sentencepiece vocab written as a Prepend("▁") + Replace(" ", "▁")
+  normalizer with no pre-tokenizer (the Mistral tokenizer we ship, kind "...+prepend"):
+  it always adds the ▁ in front, so a text that starts with a space or ▁ is cut as
+  " " + text (Metaspace "first" adds none to such a text); all else is the same.
 - anything else, and texts that contain a special-token string (the tokenizer matches
   those before pre-tokenizing) or a NUL: the tokenizer's own `encode_batch_fast`.
 
@@ -54,22 +58,29 @@ JOINED = " \x00 "
 CACHE_LIMIT = 1 << 18  # distinct chunks kept per process (~40 MB at most), then start over
 TYPECODES = {"uint16": "H", "uint32": "I"}
 SPACE_NEWLINE = "space+newline"  # a "space" kind that may also cut before every newline
+PREPEND = "+prepend"  # suffix of a "space" kind whose ▁ comes from a Prepend normalizer
+SP_NORMALIZER = {"type": "Sequence", "normalizers": [
+    {"type": "Prepend", "prepend": "▁"}, {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]}
 AUTO = "auto"
 WORKER_CRASH = "_TINYSTORY_WORKER_CRASH"
 
 
 def chunk_kind(spec: dict) -> str | None:
-    """'space', 'space+newline', 'bytelevel' or None (no safe chunking) for a tokenizer.json
-    dict."""
+    """'space', 'space+newline' (each maybe + PREPEND), 'bytelevel' or None (no safe
+    chunking) for a tokenizer.json dict."""
     model = spec.get("model") or {}
-    if (model.get("type") != "BPE" or model.get("dropout") or spec.get("normalizer") is not None
+    if (model.get("type") != "BPE" or model.get("dropout")
             or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix")):
         return None
     pre = spec.get("pre_tokenizer") or {}
     if pre.get("type") == "Sequence" and len(pre.get("pretokenizers", [])) == 1:
         pre = pre["pretokenizers"][0]
-    if (pre.get("type") == "Metaspace" and pre.get("replacement") == "▁"
-            and pre.get("prepend_scheme") == "first" and not pre.get("split")):
+    normalizer = spec.get("normalizer")
+    prepend = normalizer == SP_NORMALIZER and not pre
+    if normalizer is not None and not prepend:
+        return None
+    if prepend or (pre.get("type") == "Metaspace" and pre.get("replacement") == "▁"
+                   and pre.get("prepend_scheme") == "first" and not pre.get("split")):
         vocab = model.get("vocab", {})
         crossing = re.compile("[^▁]▁")
         if any(crossing.search(piece) for piece in vocab):
@@ -80,7 +91,7 @@ def chunk_kind(spec: dict) -> str | None:
         newline_byte = (model.get("byte_fallback") and "<0x0A>" in vocab
                         and not any("\n" in piece for piece in vocab)
                         and not any("<0x0A>" in (m if isinstance(m, list) else m.split(" ")) for m in merges))
-        return SPACE_NEWLINE if newline_byte else "space"
+        return (SPACE_NEWLINE if newline_byte else "space") + (PREPEND if prepend else "")
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space"):
         return "bytelevel"
     return None
@@ -105,6 +116,8 @@ class ChunkEncoder:
         if kind == AUTO:
             text = tokenizer.read_text(encoding="utf-8") if isinstance(tokenizer, Path) else tokenizer
             kind = chunk_kind(json.loads(text))
+        self.prepend = kind is not None and kind.endswith(PREPEND)
+        kind = kind.removesuffix(PREPEND) if kind else kind
         self.newlines = kind == SPACE_NEWLINE
         self.kind = "space" if self.newlines else kind
         self.specials = tuple(t.content for t in self.core.get_added_tokens_decoder().values())
@@ -133,6 +146,8 @@ class ChunkEncoder:
         if not text:
             return []
         if self.kind == "space":
+            if self.prepend and text[0] in " ▁":  # the ▁ the normalizer always adds
+                text = " " + text
             if "  " in text or "▁" in text or text[:1] == " ":
                 keys = [c[1:] if c[0] in " ▁" else c for c in SPACE_CHUNK.findall(text)]
                 if self.newlines and "\n" in text:  # "a\nb" -> "a", "\nb" (a space run stays whole)

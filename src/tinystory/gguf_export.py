@@ -87,11 +87,7 @@ def _add_spm_vocab(w: Any, vocab_size: int) -> None:
 
     from tinystory.tokenizer import mistral_model_file
 
-    src = mistral_model_file()
-    if src is None:
-        raise QuantizationError("GGUF export of the mistral vocab needs mistral-common's tokenizer.model.v1",
-                                "pip install mistral-common")
-    sp = SentencePieceProcessor(model_file=str(src))
+    sp = SentencePieceProcessor(model_file=str(mistral_model_file()))
     T = gguf.TokenType
     tokens, scores, types = [], [], []
     for i in range(sp.vocab_size()):
@@ -131,11 +127,11 @@ def _add_bpe_vocab(w: Any, tok: PreTrainedTokenizerBase, vocab_size: int) -> Non
 
 
 def _add_tokenizer(w: Any, tok: PreTrainedTokenizerBase, vocab_size: int) -> None:
-    from tinystory.tokenizer import fingerprint, is_byte_level, load_mistral
+    from tinystory.tokenizer import is_byte_level, load_mistral
 
     if is_byte_level(tok):
         _add_bpe_vocab(w, tok, vocab_size)
-    elif fingerprint(tok) == fingerprint(load_mistral()):
+    elif tok.get_vocab() == load_mistral().get_vocab():  # also a run made before the shipped file
         _add_spm_vocab(w, vocab_size)
     else:
         raise QuantizationError("GGUF export knows the mistral vocab and byte-level BPE, not this tokenizer",

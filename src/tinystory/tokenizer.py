@@ -4,10 +4,10 @@ Both come out as transformers fast tokenizers with unk 0, bos 1, eos 2 (pad = eo
 add BOS in front of a text by default (so a plain `AutoTokenizer` user of a run dir feeds
 the model what it was trained on: every story is BOS + text + EOS in the token stream).
 
-- `mistral`: `tokenizer.model.v1` shipped by the `mistral-common` package (identical to
-  Mistral-7B-v0.1's tokenizer.model), converted by transformers' `LlamaTokenizer` (the
-  tokenizers backend in transformers 5). `AutoTokenizer` on a bare tokenizer.model folder
-  gives wrong ids, so we never use it for the conversion.
+- `mistral`: Mistral-7B-v0.1's vocab, shipped in the package (`tinystory/mistral/`: the
+  sentencepiece `tokenizer.model` and the `tokenizer.json` built from it by
+  tools/build_mistral_tokenizer.py, which gives sentencepiece's ids exactly). Nothing is
+  converted on the user's machine, and nothing is fetched.
 - `bpe:N`: `tokenizers` byte-level BPE, ByteLevel pre-tokenizer without prefix space (so a
   GGUF `gpt2` vocab with the `gpt-2` pre-tokenizer reproduces it in llama.cpp).
 """
@@ -15,12 +15,17 @@ the model what it was trained on: every story is BOS + text + EOS in the token s
 from __future__ import annotations
 
 import contextlib
+import functools
+import gzip
 import hashlib
 import json
 import os
 import re
+import shutil
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,10 +35,8 @@ if TYPE_CHECKING:
     import numpy as np
     from transformers import PreTrainedTokenizerBase
 
-MISTRAL_HUB_ID = "mistralai/Mistral-7B-v0.1"
 SPECIALS = ("<unk>", "<s>", "</s>")  # ids 0, 1, 2 in both vocabularies
 BPE_MIN_VOCAB = 256 + len(SPECIALS) + 1
-MISTRAL_CONVERSION = 1  # bump when `_convert_mistral` changes: cached conversions are keyed by it
 
 
 def parse_spec(spec: str) -> tuple[str, int | None]:
@@ -50,74 +53,47 @@ def parse_spec(spec: str) -> tuple[str, int | None]:
     raise SettingsError(f"unknown tokenizer {spec!r}", "use `mistral` or `bpe:N` (e.g. bpe:4096)")
 
 
-def mistral_model_file() -> Path | None:
-    """The `tokenizer.model.v1` file of the installed mistral-common package, if any (found
-    without importing the package, which costs ~0.07 s)."""
-    from importlib.util import find_spec
-
-    spec = find_spec("mistral_common")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "tokenizer.model.v1"
-    return path if path.is_file() else None
+def mistral_model_file() -> Path:
+    """Mistral-7B-v0.1's sentencepiece model, shipped in the package (`tinystory/mistral/`):
+    what the GGUF export reads the vocab's scores and token types from."""
+    return Path(str(resources.files("tinystory.mistral").joinpath("tokenizer.model")))
 
 
 def load_mistral() -> PreTrainedTokenizerBase:
-    """The Mistral v1 tokenizer: offline from mistral-common (converted once, then cached;
-    see `mistral_folder`), else from the hub."""
-    src = mistral_model_file()
-    if src is None:
-        from transformers import LlamaTokenizer
-
-        from tinystory.net import from_hub
-
-        return from_hub(lambda: LlamaTokenizer.from_pretrained(MISTRAL_HUB_ID, add_bos_token=True), MISTRAL_HUB_ID)
+    """The Mistral v1 tokenizer, as shipped in the package (see `mistral_folder`)."""
     tok = load(mistral_folder())
     tok.name_or_path = "mistral"
     return tok
 
 
-def _convert_mistral(src: Path) -> PreTrainedTokenizerBase:
-    """transformers' conversion of the sentencepiece model `src` (about a second)."""
-    import shutil
-    import tempfile
-
-    from transformers import LlamaTokenizer
-
-    with tempfile.TemporaryDirectory() as tmp:
-        shutil.copy(src, Path(tmp) / "tokenizer.model")
-        tok = LlamaTokenizer.from_pretrained(tmp, add_bos_token=True, add_eos_token=False, legacy=False)
-    tok.pad_token = tok.eos_token
-    tok.model_max_length = 1 << 30
-    tok.name_or_path = "mistral"
-    return tok
+@functools.cache
+def mistral_version() -> str:
+    """Which shipped Mistral tokenizer this is: the first 16 hex digits of the sha256 of
+    its packed tokenizer.json (~2 ms)."""
+    packed = resources.files("tinystory.mistral").joinpath("tokenizer.json.gz").read_bytes()
+    return hashlib.sha256(packed).hexdigest()[:16]
 
 
 def mistral_folder() -> Path:
-    """The converted Mistral tokenizer's files (tokenizer.json, tokenizer_config.json) in the
-    cache, made on first use. Keyed by the sha256 of mistral-common's tokenizer.model.v1, the
-    transformers version that converted it and `MISTRAL_CONVERSION` (our conversion options),
-    so a change of any converts again.
+    """The shipped Mistral tokenizer's files (tokenizer.json, tokenizer_config.json) in the
+    cache, unpacked on first use (~0.02 s): `prepare` keeps its description and a copy that
+    loads sooner beside them, which the package folder (maybe read-only) could not hold.
+    Keyed by the sha256 of the shipped tokenizer.json.gz, so a new release unpacks anew.
     Reading it back needs only `tokenizers`: `prepare` with the Mistral tokenizer starts
-    without importing transformers."""
-    import shutil
-    import tempfile
-
+    without importing transformers. (tools/build_mistral_tokenizer.py makes the shipped
+    file from the sentencepiece model: no conversion, protobuf or sentencepiece at run time.)"""
     from tinystory.paths import cache_dir
 
-    src = mistral_model_file()
-    if src is None:
-        raise TinystoryError("mistral-common is not installed, so the Mistral tokenizer is not on this machine",
-                             "pip install mistral-common")
-    key = hashlib.sha256(src.read_bytes()).hexdigest()[:16]
-    name = f"mistral-v1-{key}-transformers-{installed_version('transformers')}-c{MISTRAL_CONVERSION}"
-    folder = cache_dir() / "tokenizers" / name
+    shipped = resources.files("tinystory.mistral")
+    folder = cache_dir() / "tokenizers" / f"mistral-v1-{mistral_version()}"
     if (folder / "tokenizer.json").is_file() and (folder / "tokenizer_config.json").is_file():
         return folder
+    packed = shipped.joinpath("tokenizer.json.gz").read_bytes()
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder.parent))
     try:
-        _convert_mistral(src).save_pretrained(str(tmp))
+        (tmp / "tokenizer.json").write_bytes(gzip.decompress(packed))
+        (tmp / "tokenizer_config.json").write_bytes(shipped.joinpath("tokenizer_config.json").read_bytes())
         try:
             tmp.rename(folder)  # whole, or not at all
         except OSError:  # another process made it first
@@ -161,22 +137,6 @@ def quick_load_file(folder: Path) -> Path:
     return dest
 
 
-def installed_version(package: str) -> str:
-    """The installed version of `package`, without importing it: read off its
-    `<name>-<version>.dist-info` folder beside it (importing importlib.metadata alone costs
-    ~0.07 s of every `prepare`), else from importlib.metadata."""
-    from importlib.util import find_spec
-
-    spec = find_spec(package)
-    if spec is not None and spec.origin:
-        found = list(Path(spec.origin).parents[1].glob(f"{package}-*.dist-info"))
-        if len(found) == 1:
-            return found[0].name[len(package) + 1 : -len(".dist-info")]
-    from importlib.metadata import version
-
-    return version(package)
-
-
 @dataclass(frozen=True)
 class TokenizerFiles:
     """What `prepare` records of a saved tokenizer, read from its JSON files alone."""
@@ -197,7 +157,7 @@ class TokenizerFiles:
 
 
 DESCRIPTION = "tinystory-description.json"  # describe_files(memo=True) keeps its answer here
-DESCRIPTION_VERSION = 2  # bump when TokenizerFiles or chunk_kind changes
+DESCRIPTION_VERSION = 3  # bump when TokenizerFiles or chunk_kind changes
 
 
 def describe_files(folder: str | Path, memo: bool = False) -> TokenizerFiles:
