@@ -11,6 +11,14 @@ It speaks the endpoints huggingface_hub 2.4 uses to create a repo and commit a f
     POST /api/models/{ns}/{name}/commit/{rev}       NDJSON: header line, then one line per file
     GET  /api/whoami-v2
 
+and, read-only and without a token, what `datasets.load_dataset(..., streaming=True)` and
+`HfApi.dataset_info` read of a public dataset repo (`DatasetRepo`):
+
+    GET  /api/datasets/{ns}/{name}[/revision/{rev}]  dataset_info: the commit of a revision
+    GET  /api/datasets/{ns}/{name}/tree/{rev}[/{path}]  the files of a folder
+    POST /api/datasets/{ns}/{name}/paths-info/{rev}  what some paths are
+    HEAD|GET /datasets/{ns}/{name}/resolve/{rev}/{path}  a file, with HTTP ranges
+
 Every request is recorded (method, path, headers, body) so tests can check where the token
 went; committed files are kept per repo and branch. `fail` injects an HTTP status for one
 endpoint name, `drop` closes the connection without an answer, `delay` answers late.
@@ -24,6 +32,7 @@ import json
 import re
 import threading
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -33,7 +42,13 @@ import yaml
 LICENSES = {"apache-2.0", "mit", "cc-by-4.0", "other"}
 PIPELINES = {"text-generation", "text2text-generation", "fill-mask"}
 REPO = r"/api/models/(?P<repo>[^/]+/[^/]+)"
+DATASET = r"/api/datasets/(?P<repo>[^/]+/[^/]+)"
 ROUTES = [
+    ("GET", "ds_tree", DATASET + r"/tree/(?P<rev>[^/]+)(?:/(?P<path>.*))?"),
+    ("POST", "ds_paths", DATASET + r"/paths-info/(?P<rev>[^/]+)"),
+    ("GET", "ds_info", DATASET + r"(?:/revision/(?P<rev>[^/]+))?"),
+    ("GET", "ds_file", r"/datasets/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)"),
+    ("HEAD", "ds_file", r"/datasets/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)"),
     ("POST", "create", r"/api/repos/create"),
     ("POST", "validate", r"/api/validate-yaml"),
     ("GET", "whoami", r"/api/whoami-v2"),
@@ -57,6 +72,33 @@ class Repo:
     owner: str
     private: bool
     branches: dict[str, dict[str, bytes]] = field(default_factory=lambda: {"main": {}})
+
+
+@dataclass
+class DatasetRepo:
+    """A public dataset repo: commits (sha -> path -> bytes) and refs (branch or tag -> sha)."""
+
+    commits: dict[str, dict[str, bytes]] = field(default_factory=dict)
+    refs: dict[str, str] = field(default_factory=dict)
+
+    def add_commit(self, files: dict[str, bytes], ref: str = "main") -> str:
+        """Commit `files` (the whole tree) on `ref`; returns the commit sha."""
+        sha = hashlib.sha1(repr(sorted(files.items())).encode() + str(len(self.commits)).encode()).hexdigest()
+        self.commits[sha] = dict(files)
+        self.refs[ref] = sha
+        return sha
+
+    def at(self, rev: str | None) -> tuple[str, dict[str, bytes]] | None:
+        sha = self.refs.get(rev or "main", rev)
+        return (sha, self.commits[sha]) if sha in self.commits else None
+
+
+@dataclass
+class RawFile:
+    """A file answer (not JSON): bytes, with the headers huggingface_hub reads."""
+
+    data: bytes
+    headers: dict[str, str]
 
 
 def validate_metadata(readme: str) -> list[str]:
@@ -94,6 +136,7 @@ class StandInHub:
     def __init__(self, token: str, user: str = "learner", repos: dict[str, Repo] | None = None) -> None:
         self.token, self.user = token, user
         self.repos: dict[str, Repo] = repos or {}
+        self.datasets: dict[str, DatasetRepo] = {}
         self.seen: list[Seen] = []
         self.commits: list[dict[str, Any]] = []
         self.fail: dict[str, int] = {}  # endpoint name -> HTTP status to answer
@@ -121,6 +164,8 @@ class StandInHub:
     def handle(self, name: str, args: dict[str, str], headers: dict[str, str], body: bytes) -> tuple[int, Any]:
         if name in self.fail:
             return self.fail[name], {"error": f"injected {self.fail[name]}"}
+        if name.startswith("ds_"):
+            return self.dataset(name, args, headers, body)
         if headers.get("authorization") != f"Bearer {self.token}":
             return 401, {"error": "Invalid credentials in Authorization header"}
         if name == "whoami":
@@ -149,6 +194,53 @@ class StandInHub:
             return 200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None}
                                    for f in files]}
         return self.commit(args["repo"], args["rev"], body)
+
+    def dataset(self, name: str, args: dict[str, str], headers: dict[str, str], body: bytes) -> tuple[int, Any]:
+        repo = self.datasets.get(args["repo"])
+        if repo is None:
+            return 404, {"error": "Repository not found", "_code": "RepoNotFound"}
+        found = repo.at(args.get("rev"))
+        if found is None:
+            return 404, {"error": f"Invalid rev id: {args.get('rev')}", "_code": "RevisionNotFound"}
+        sha, files = found
+        if name == "ds_info":
+            return 200, {"id": args["repo"], "sha": sha, "private": False, "disabled": False, "gated": False,
+                         "tags": [], "cardData": {}, "siblings": [{"rfilename": f} for f in sorted(files)]}
+        if name == "ds_tree":
+            return 200, self.tree(files, (args.get("path") or "").strip("/"))
+        if name == "ds_paths":
+            fields = urllib.parse.parse_qs(body.decode())
+            paths = fields.get("paths") or json.loads(body or b"{}").get("paths", [])
+            return 200, [e for e in self.tree(files, "", recursive=True) if e["path"] in paths]
+        data = files.get(args["path"])
+        if data is None:
+            return 404, {"error": "Entry not found", "_code": "EntryNotFound"}
+        out = {"X-Repo-Commit": sha, "ETag": f'"{hashlib.sha1(data).hexdigest()}"', "Accept-Ranges": "bytes"}
+        ranged = re.fullmatch(r"bytes=(\d+)-(\d*)", headers.get("range", ""))
+        if ranged:
+            start = int(ranged.group(1))
+            end = min(int(ranged.group(2) or len(data) - 1), len(data) - 1)
+            out["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
+            return 206, RawFile(data[start : end + 1], out)
+        return 200, RawFile(data, out)
+
+    @staticmethod
+    def tree(files: dict[str, bytes], folder: str, recursive: bool = False) -> list[dict[str, Any]]:
+        """The Hub's tree entries under `folder` (files and folders; all levels with `recursive`)."""
+        prefix = f"{folder}/" if folder else ""
+        entries: dict[str, dict[str, Any]] = {}
+        for path, data in sorted(files.items()):
+            if not path.startswith(prefix):
+                continue
+            parts = path[len(prefix):].split("/")
+            for depth in range(1, len(parts)):
+                sub = prefix + "/".join(parts[:depth])
+                if recursive or depth == 1:
+                    entries.setdefault(sub, {"type": "directory", "path": sub, "oid": "0" * 40, "size": 0})
+            if recursive or len(parts) == 1:
+                entries[path] = {"type": "file", "path": path, "size": len(data),
+                                 "oid": hashlib.sha1(data).hexdigest()}
+        return list(entries.values())
 
     def create(self, payload: dict[str, Any]) -> tuple[int, Any]:
         ns = payload.get("organization") or self.user
@@ -193,6 +285,15 @@ class StandInHub:
                     return
                 with hub.lock:
                     status, payload = hub.handle(name, args, headers, body) if name else (404, {"error": "no route"})
+                if isinstance(payload, RawFile):
+                    self.send_response(status)
+                    for key, value in {**payload.headers, "Content-Type": "application/octet-stream",
+                                       "Content-Length": str(len(payload.data))}.items():
+                        self.send_header(key, value)
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(payload.data)
+                    return
                 code = payload.pop("_code", None) if isinstance(payload, dict) else None
                 data = json.dumps(payload).encode()
                 self.send_response(status)
@@ -203,9 +304,10 @@ class StandInHub:
                 if status >= 400 and isinstance(payload, dict) and "error" in payload:
                     self.send_header("X-Error-Message", payload["error"])
                 self.end_headers()
-                self.wfile.write(data)
+                if self.command != "HEAD":
+                    self.wfile.write(data)
 
-            do_GET = do_POST = do_PUT = _serve
+            do_GET = do_POST = do_PUT = do_HEAD = _serve
 
             def log_message(self, *args: object) -> None:  # keep test output clean
                 pass

@@ -589,39 +589,47 @@ ODD = ["  two leading", "trailing  ", "a  b   c", "x▁y ▁z", "tab\there\n\nne
        "", "nul \x00 inside", "\x00", "end "]
 
 
-@pytest.mark.parametrize("which", ["mistral", "bpe"])
+@pytest.mark.parametrize("which", ["mistral", "mistral-metaspace", "bpe"])
 def test_chunk_encoder_gives_the_tokenizers_ids(which, bpe_tokenizer, tmp_path):
     from tokenizers import Tokenizer
 
     from tinystory.encoder import ChunkEncoder, chunk_kind
     from tinystory.tokenizer import load_mistral
 
-    tok = load_mistral() if which == "mistral" else bpe_tokenizer
+    tok = load_mistral() if which.startswith("mistral") else bpe_tokenizer
     texts = sample_stories("val") + ODD + [t + " " + o for t, o in zip(sample_stories("train", 14), ODD)]
     js = tok.backend_tokenizer.to_str()
+    if which == "mistral-metaspace":  # the form transformers' conversion writes (no ▁ before a leading space)
+        spec = json.loads(js)
+        spec["normalizer"] = None
+        spec["pre_tokenizer"] = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first", "split": False}
+        js = json.dumps(spec)
     core = Tokenizer.from_str(js)
     expected = [i for e in core.encode_batch_fast(texts, add_special_tokens=False) for i in (1, *e.ids, 2)]
     enc = ChunkEncoder(js, 1, 2, "uint16", cache_limit=2000)  # small: the cache restarts several times
-    assert (enc.kind, enc.newlines) == (("space", True) if which == "mistral" else ("bytelevel", False))
+    assert (enc.kind, enc.newlines, enc.prepend) == {"mistral": ("space", True, True), "bpe": ("bytelevel", False, False),
+                                                     "mistral-metaspace": ("space", True, False)}[which]
     got = np.concatenate([enc.encode(texts[i : i + 100]) for i in range(0, len(texts), 100)])
     assert got.tolist() == expected
     # from the file, told the kind (as `prepare`'s workers are), with the whole batch at once
     path = tmp_path / "tokenizer.json"
     path.write_text(js, encoding="utf-8")
     kind = chunk_kind(json.loads(js))
-    assert kind == {"mistral": "space+newline", "bpe": "bytelevel"}[which]
+    plus = "+prepend" if which == "mistral" else ""
+    assert kind == {"mistral": "space+newline+prepend", "mistral-metaspace": "space+newline", "bpe": "bytelevel"}[which]
     keys = {}
-    for kind in [kind, "space"] if which == "mistral" else [kind]:  # also without the cut at newlines
+    # also without the cut at newlines
+    for kind in [kind, "space" + plus] if which.startswith("mistral") else [kind]:
         enc = ChunkEncoder(path, 1, 2, "uint32", kind=kind)
         got = np.frombuffer(enc.encode_bytes(texts), dtype=np.uint32)
         assert got.dtype == np.uint32 and got.tolist() == expected
         keys[kind] = [k for k in enc.cache if isinstance(k, str)]
-    if which == "mistral":  # cut before every newline: a newline opens a key or is in none
-        cut = keys["space+newline"]
-        assert all("\n" not in k[1:] for k in cut) and any("\n" in k[1:] for k in keys["space"])
-        assert len(cut) < 0.9 * len(keys["space"])  # fewer distinct keys (x1 of the shared text: -29%)
+    if which.startswith("mistral"):  # cut before every newline: a newline opens a key or is in none
+        cut = keys["space+newline" + plus]
+        assert all("\n" not in k[1:] for k in cut) and any("\n" in k[1:] for k in keys["space" + plus])
+        assert len(cut) < 0.9 * len(keys["space" + plus])  # fewer distinct keys (x1 of the shared text: -29%)
         newline = core.token_to_id("<0x0A>")
-        enc = ChunkEncoder(path, 1, 2, "uint16", kind="space+newline")
+        enc = ChunkEncoder(path, 1, 2, "uint16", kind="space+newline" + plus)
         ids = core.encode("end.\n\nThe", add_special_tokens=False).ids
         assert enc.encode(["end.\n\nThe"]).tolist() == [1, *ids, 2] and ids[-3:-1] == [newline, newline]
         assert np.frombuffer(enc.cache["\n"], np.uint16).tolist() == [newline]
@@ -631,37 +639,91 @@ def test_chunk_encoder_gives_the_tokenizers_ids(which, bpe_tokenizer, tmp_path):
 # ---------------------------------------------------------------------- hub dataset
 
 
-def test_hub_dataset_through_datasets_and_reused_offline(monkeypatch, tmp_path):
-    """The hub path with `datasets.load_dataset` replaced by local data (no network here)."""
-    import datasets
+def _parquet(stories: list[str]) -> bytes:
+    import io
 
-    import tinystory.net
-    from tinystory.prepare import prepare
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    train, val = sample_stories("train", 40), sample_stories("val", 5)
-    asked = []
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"text": stories}), buf)
+    return buf.getvalue()
 
-    def fake_load_dataset(hub_id, streaming=False):
-        asked.append((hub_id, streaming))
-        dd = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": train}),
-                                   "validation": datasets.Dataset.from_dict({"text": val})})
-        return datasets.IterableDatasetDict({k: v.to_iterable_dataset() for k, v in dd.items()}) if streaming else dd
 
-    monkeypatch.delenv("HF_HUB_OFFLINE")
-    monkeypatch.setattr(tinystory.net, "reachable", lambda *a, **k: True)
-    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    s = settings(dataset="roneneldan/TinyStories", max_stories=30)
-    path = prepare(s)
-    data = open_prepared(path)
-    assert asked == [("roneneldan/TinyStories", True)]
-    assert stories_of(data, "train") == train[:30] and stories_of(data, "val") == val
-    hub = data.meta["sources"]
-    assert [(x["hub_id"], x["hub_split"], x["split"], x["stories_read"]) for x in hub] == [
-        ("roneneldan/TinyStories", "validation", "val", 5), ("roneneldan/TinyStories", "train", "train", 30)]
-    def digest(stories):
-        return hashlib.sha256(b"".join(len(x.encode()).to_bytes(8, "little") + x.encode() for x in stories)).hexdigest()
+TINYSTORIES_README = b"""---
+license: cdla-sharing-1.0
+configs:
+- config_name: default
+  data_files:
+  - split: train
+    path: data/train-*
+  - split: validation
+    path: data/validation-*
+---
+# TinyStories (a stand-in of the Hub repo's layout: parquet shards beside the .txt files)
+"""
 
-    assert (hub[0]["sha256"], hub[1]["sha256"]) == (digest(val), digest(train[:30]))
-    # offline later: the same request finds the prepared folder without the network
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert prepare(s) == path and len(asked) == 1
+
+def tinystories_repo(train: list[str], val: list[str]) -> dict[str, bytes]:
+    """The files of roneneldan/TinyStories, in its layout, holding these stories."""
+    return {"README.md": TINYSTORIES_README,
+            "TinyStories-valid.txt": "".join(f"{s}\n<|endoftext|>\n" for s in val).encode(),
+            "data/train-00000-of-00002.parquet": _parquet(train[: len(train) // 2]),
+            "data/train-00001-of-00002.parquet": _parquet(train[len(train) // 2 :]),
+            "data/validation-00000-of-00001.parquet": _parquet(val)}
+
+
+def test_hub_dataset_streamed_at_a_pinned_commit(tmp_path):
+    """The real hub path (`HfApi.dataset_info`, then `datasets.load_dataset(streaming=True)`
+    at that commit), against a stand-in Hub on 127.0.0.1 that serves the dataset's files."""
+    from hub_server import DatasetRepo, StandInHub
+
+    train, val = sample_stories("train", 60), sample_stories("val", 5)
+    repo = DatasetRepo()
+    first = repo.add_commit(tinystories_repo(train[:40], val))
+    with StandInHub(token="unused") as hub:
+        hub.datasets["roneneldan/TinyStories"] = repo
+        hf_home = tmp_path / "hf"
+        env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "0"}
+
+        def prepare_(*args: str, offline: bool = False) -> subprocess.CompletedProcess:
+            return subprocess.run([sys.executable, "-m", "tinystory", "prepare", "--dataset", "roneneldan/TinyStories",
+                                   "--tokenizer", "bpe:512", "--num-proc", "1", *args], capture_output=True,
+                                  text=True, timeout=300, env={**env, "HF_HUB_OFFLINE": "1" if offline else "0"})
+
+        r = prepare_("--max-stories", "30")
+        assert r.returncode == 0, r.stderr
+        path = Path(r.stdout.strip().splitlines()[-1])
+        data = open_prepared(path)
+        assert stories_of(data, "train") == train[:30] and stories_of(data, "val") == val
+        hub_sources = data.meta["sources"]
+        assert [(x["hub_id"], x["revision"], x["commit"], x["hub_split"], x["split"], x["stories_read"])
+                for x in hub_sources] == [("roneneldan/TinyStories", "main", first, "validation", "val", 5),
+                                          ("roneneldan/TinyStories", "main", first, "train", "train", 30)]
+        # streamed: parquet read by HTTP ranges, no Arrow copy and no whole file in any cache
+        assert any(s.headers.get("range") for s in hub.seen if "/resolve/" in s.path)
+        assert not [p for p in hf_home.rglob("*") if p.suffix in (".arrow", ".parquet")]
+
+        # a new commit on main: the same request reads it; a pinned revision reads the old one
+        second = repo.add_commit(tinystories_repo(train[20:], val))
+        r = prepare_("--max-stories", "30")
+        assert r.returncode == 0, r.stderr
+        newer = Path(r.stdout.strip().splitlines()[-1])
+        assert newer != path and stories_of(open_prepared(newer), "train") == train[20:50]
+        assert {x["commit"] for x in open_prepared(newer).meta["sources"]} == {second}
+        r = prepare_("--max-stories", "30", "--revision", first, offline=True)  # a commit id needs no Hub
+        assert r.returncode == 0, r.stderr
+        assert Path(r.stdout.strip().splitlines()[-1]) == path and f"already prepared at {path}" in r.stderr
+
+        # offline, the same request finds what it prepared last, and says so
+        r = prepare_("--max-stories", "30", offline=True)
+        assert r.returncode == 0, r.stderr
+        assert Path(r.stdout.strip().splitlines()[-1]) == newer
+        assert "the Hub is not reachable: using" in r.stderr
+
+        # a revision the dataset does not have: one line, exit 1
+        r = prepare_("--max-stories", "30", "--revision", "v9")
+        assert r.returncode == 1
+        assert r.stderr.strip().splitlines() == [
+            "error: dataset roneneldan/TinyStories has no revision 'v9' "
+            "(pass --revision with a branch, tag or commit of the dataset)"]

@@ -36,9 +36,9 @@ from typing import TYPE_CHECKING, Any
 from tinystory import __version__, cleaning, paths, sources
 from tinystory.console import console, info
 from tinystory.data import META, open_prepared
-from tinystory.errors import DataError, SettingsError
+from tinystory.errors import DataError, OfflineError, SettingsError
 from tinystory.packing import Meter, Packer, Spool
-from tinystory.tokenizer import parse_spec
+from tinystory.tokenizer import mistral_version, parse_spec
 
 if TYPE_CHECKING:
     from tinystory.settings import Settings
@@ -58,10 +58,20 @@ def prepare(settings: Settings, *, force: bool = False) -> Path:
         raise SettingsError(f"data.val_fraction must be between 0 and 1, got {d.val_fraction}", "e.g. 0.01")
     if d.max_stories < 0 or d.num_proc < 0:
         raise SettingsError("data.max_stories and data.num_proc must be 0 or more", "0 means all / one per core")
-    srcs = sources.resolve(d.dataset)
+    srcs = sources.resolve(d.dataset, d.revision)
     for src in srcs:
         if src.kind != "hub":
             src.digest()
+    request = fingerprint(settings, srcs, spec, pinned=False)
+    try:
+        for src in srcs:
+            if src.kind == "hub":
+                sources.pin_revision(src)
+    except OfflineError:  # no Hub: the same request prepared before, if there is one
+        if force or (done := _prepared_before(settings, request)) is None:
+            raise
+        info(f"the Hub is not reachable: using {done}, prepared from {d.dataset} ({d.revision}) before")
+        return done
     fp = fingerprint(settings, srcs, spec)
     dest = Path(d.out).expanduser() if d.out else paths.prepared_dir() / folder_name(d.dataset, spec, fp)
     if _reusable(dest, fp, spec, force):
@@ -73,7 +83,7 @@ def prepare(settings: Settings, *, force: bool = False) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        _build(tmp, settings, srcs, spec, fp)
+        _build(tmp, settings, srcs, spec, {"fingerprint": fp, "request_fingerprint": request})
         _install(tmp, dest, fp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -81,16 +91,34 @@ def prepare(settings: Settings, *, force: bool = False) -> Path:
     return dest
 
 
-def fingerprint(settings: Settings, srcs: list[sources.Source], spec: str) -> str:
-    """sha256 of everything the prepared data depends on (not the tinystory version)."""
+def fingerprint(settings: Settings, srcs: list[sources.Source], spec: str, pinned: bool = True) -> str:
+    """sha256 of everything the prepared data depends on (not the tinystory version): the
+    hub datasets' commits, or (`pinned=False`, what was asked) their revisions."""
     d = settings.data
     uses_field = any(s.kind in ("jsonl", "json", "parquet", "hub") for s in srcs)
     key = {
-        "format": FORMAT, "cleaning": cleaning.VERSION, "sources": [s.key() for s in srcs],
+        "format": FORMAT, "cleaning": cleaning.VERSION, "sources": [s.key(pinned) for s in srcs],
         "text_field": d.text_field if uses_field else None, "errors": d.errors,
         "max_stories": d.max_stories, "val_fraction": d.val_fraction, "tokenizer": spec,
     }
+    if spec == "mistral":  # the shipped tokenizer's version
+        key["tokenizer_files"] = mistral_version()
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def _prepared_before(settings: Settings, request: str) -> Path | None:
+    """The newest prepared folder made for the same request (`fingerprint(pinned=False)`),
+    at --out or in the cache."""
+    d = settings.data
+    found = []
+    for folder in [Path(d.out).expanduser()] if d.out else paths.prepared_dir().glob("*"):
+        try:
+            meta = open_prepared(folder).meta
+        except DataError:
+            continue
+        if meta.get("request_fingerprint") == request:
+            found.append((meta.get("created", ""), folder))
+    return max(found)[1] if found else None
 
 
 def folder_name(dataset: str, spec: str, fp: str) -> str:
@@ -172,8 +200,8 @@ def _install(tmp: Path, dest: Path, fp: str) -> None:
 # ------------------------------------------------------------------------- build
 
 
-def _build(tmp: Path, settings: Settings, srcs: list[sources.Source], spec: str, fp: str) -> None:
-    """Everything into `tmp`, meta.json last."""
+def _build(tmp: Path, settings: Settings, srcs: list[sources.Source], spec: str, fps: dict[str, str]) -> None:
+    """Everything into `tmp`, meta.json last (`fps`: the fingerprints it records)."""
     from tinystory import tokenizer
 
     d = settings.data
@@ -215,7 +243,7 @@ def _build(tmp: Path, settings: Settings, srcs: list[sources.Source], spec: str,
     seconds = {"tokenizer": times["tokenizer"] - times["start"], "read": times["read"] - times["start"],
                "total": end - times["start"]}
     assert tok is not None  # set on both paths above
-    meta = _meta(settings, srcs, spec, fp, tok, spools, tokens, counts)
+    meta = {**_meta(settings, srcs, spec, tok, spools, tokens, counts), **fps}
     meta["seconds"] = {**{k: round(v, 3) for k, v in seconds.items()}, "processes": nproc if processes else 1}
     with open(tmp / META, "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=2)
@@ -247,7 +275,7 @@ def _expected_bytes(srcs: list[sources.Source], max_stories: int) -> float:
     return min(total, max_stories * 1000) if max_stories else total  # ~1 kB a story
 
 
-def _meta(settings: Settings, srcs: list[sources.Source], spec: str, fp: str, tok: TokenizerFiles,
+def _meta(settings: Settings, srcs: list[sources.Source], spec: str, tok: TokenizerFiles,
           spools: dict[str, Spool], tokens: dict[str, int], counts: dict[str, int]) -> dict[str, Any]:
     d = settings.data
     splits = {s: {"stories": spools[s].stories, "tokens": tokens[s], "bytes": spools[s].bytes} for s in spools}
@@ -265,7 +293,6 @@ def _meta(settings: Settings, srcs: list[sources.Source], spec: str, fp: str, to
         "val_fraction": d.val_fraction,
         "text_field": d.text_field if any(s.kind != "txt" for s in srcs) else None,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "fingerprint": fp,
     }
 
 
@@ -321,7 +348,7 @@ def _inputs(srcs: list[sources.Source], settings: Settings,
     pairs: list[tuple[sources.Source, Any]] = []
     for src in srcs:
         if src.kind == "hub":
-            for sub, split in sources.open_hub(src, d.text_field, streaming=d.max_stories > 0):
+            for sub, split in sources.open_hub(src, d.text_field):
                 pairs.append((sub, sources.read_hub(split, sub, d.text_field)))
         else:
             pairs.append((src, sources.read(src, d.text_field, d.errors, counts)))

@@ -47,7 +47,8 @@ class ModelSettings:
 @dataclass(frozen=True)
 class DataSettings:
     dataset: str = setting("roneneldan/TinyStories", "hub dataset id, local file/folder/glob, or `sample`")
-    tokenizer: str = setting("mistral", "`mistral` (32k, offline from mistral-common) or `bpe:N` trained here")
+    revision: str = setting("main", "hub dataset branch, tag or commit (the commit it resolves to is recorded)")
+    tokenizer: str = setting("mistral", "`mistral` (32k, shipped with tinystory) or `bpe:N` trained here")
     text_field: str = setting("text", "field holding the story in .jsonl/.json/.parquet sources")
     max_stories: int = setting(0, "cap on training stories, 0 = all (quick experiments)")
     val_fraction: float = setting(0.01, "held-out share when the source has no validation split")

@@ -5,7 +5,10 @@
   line `<|endoftext|>`, the official format), `.jsonl`, `.json`, `.parquet`, and
   `.txt.gz` / `.jsonl.gz` / `.json.gz`. Files named `train*` beside files named
   `valid*` / `validation*` / `val*` give the train and validation splits;
-- a Hugging Face Hub dataset id (`owner/name`), through `datasets.load_dataset`.
+- a Hugging Face Hub dataset id (`owner/name`), streamed through `datasets.load_dataset(...,
+  streaming=True)` (no Arrow copy of the dataset in the cache), at a commit: the revision
+  asked for (`main` unless `--revision`) is resolved to its commit first, and that commit is
+  what is read and recorded.
 
 Bytes that are not UTF-8 stop the read with the file and byte offset (`errors="strict"`)
 or become U+FFFD and are counted (`errors="replace"`).
@@ -48,6 +51,8 @@ class Source:
     path: Path | None = None
     resource: Any = None  # importlib.resources Traversable of a bundled file
     hub_id: str | None = None
+    revision: str = ""  # hub: the branch, tag or commit asked for
+    commit: str = ""  # hub: the commit it resolved to (`pin_revision`)
     sha256: str = ""
     bytes: int = 0
     info: dict[str, Any] = field(default_factory=dict)  # filled while reading (stories, hub split)
@@ -74,15 +79,17 @@ class Source:
         if n == 0:
             raise DataError(f"{self.label} is empty", "give a file that holds stories")
 
-    def key(self) -> dict[str, Any]:
-        """What identifies the input (for the prepared folder's fingerprint)."""
+    def key(self, pinned: bool = True) -> dict[str, Any]:
+        """What identifies the input (for the prepared folder's fingerprint); for a hub
+        dataset its commit, or (`pinned=False`) the revision asked for."""
         if self.kind == "hub":
-            return {"hub_id": self.hub_id}
+            return {"hub_id": self.hub_id, "revision": self.commit if pinned else self.revision}
         return {"sha256": self.sha256, "kind": self.kind, "role": self.role}
 
     def describe(self) -> dict[str, Any]:
         """The meta.json `sources` entry."""
-        where = {"hub_id": self.hub_id} if self.kind == "hub" else {"path": self.label}
+        where = ({"hub_id": self.hub_id, "revision": self.revision, "commit": self.commit} if self.kind == "hub"
+                 else {"path": self.label})
         return {**where, "sha256": self.sha256, "bytes": self.bytes, "split": self.role, **self.info}
 
 
@@ -95,8 +102,8 @@ def file_kind(path: str) -> str | None:
     return KINDS.get(Path(name).suffix)
 
 
-def resolve(dataset: str) -> list[Source]:
-    """The sources that `dataset` (sample | path | folder | glob | hub id) names."""
+def resolve(dataset: str, revision: str = "main") -> list[Source]:
+    """The sources that `dataset` (sample | path | folder | glob | hub id at `revision`) names."""
     dataset = dataset.strip()
     if dataset == "sample":
         pkg = resources.files("tinystory.sample")
@@ -118,7 +125,7 @@ def resolve(dataset: str) -> list[Source]:
             raise DataError(f"{path} is not a file type tinystory reads", TYPES_HINT)
         files = [path]
     elif HUB_ID.fullmatch(dataset) and not file_kind(dataset) and not dataset.startswith("."):
-        return [Source("hub", dataset, "auto", hub_id=dataset)]
+        return [Source("hub", dataset, "auto", hub_id=dataset, revision=revision or "main")]
     else:
         raise DataError(f"{dataset} does not exist", "check the path, or use --dataset sample (bundled stories)")
     return _with_roles(files)
@@ -289,16 +296,49 @@ def _read_parquet(src: Source, text_field: str, _errors: str, _counts: dict[str,
 # ----------------------------------------------------------------------------- hub
 
 
-def open_hub(src: Source, text_field: str, streaming: bool) -> list[tuple[Source, Any]]:
-    """(source, dataset split) pairs of a hub dataset: its validation split when it has one
-    (role 'val', listed first) and its train split, else its train split with role 'hash'."""
+COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def pin_revision(src: Source) -> None:
+    """Resolve a hub source's revision (branch, tag or commit) to its commit (`src.commit`),
+    so that what is read, fingerprinted and recorded is one fixed version of the dataset.
+    A full commit id needs no network."""
+    if COMMIT.fullmatch(src.revision):
+        src.commit = src.revision
+        return
+    from tinystory.net import require_hub
+
+    require_hub(f"dataset {src.hub_id}", OFFLINE_HINT)
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        src.commit = HfApi().dataset_info(src.hub_id, revision=src.revision).sha or ""
+    except RevisionNotFoundError:
+        raise DataError(f"dataset {src.hub_id} has no revision {src.revision!r}",
+                        "pass --revision with a branch, tag or commit of the dataset") from None
+    except RepositoryNotFoundError:
+        raise DataError(f"no dataset {src.hub_id} on the Hugging Face Hub", "check the id, or use a local path") from None
+    except OSError as e:  # huggingface_hub's connection errors subclass OSError
+        from tinystory.errors import OfflineError
+
+        raise OfflineError(f"could not fetch dataset {src.hub_id} from the Hub ({type(e).__name__})",
+                           OFFLINE_HINT) from None
+    if not src.commit:
+        raise DataError(f"the Hub gave no commit for dataset {src.hub_id} at {src.revision!r}", "try again later")
+
+
+def open_hub(src: Source, text_field: str) -> list[tuple[Source, Any]]:
+    """(source, streamed dataset split) pairs of a hub dataset at `src.commit`: its
+    validation split when it has one (role 'val', listed first) and its train split, else
+    its train split with role 'hash'."""
     from tinystory.net import require_hub
 
     require_hub(f"dataset {src.hub_id}", OFFLINE_HINT)
     import datasets
 
     try:
-        splits = datasets.load_dataset(src.hub_id, streaming=streaming)
+        splits = datasets.load_dataset(src.hub_id, revision=src.commit or src.revision, streaming=True)
     except datasets.exceptions.DatasetNotFoundError:
         raise DataError(f"no dataset {src.hub_id} on the Hugging Face Hub",
                         "check the id, or use a local path") from None
@@ -315,8 +355,8 @@ def open_hub(src: Source, text_field: str, streaming: bool) -> list[tuple[Source
                         "pass --text-field with the field that holds the story")
     val = next((s for s in HUB_VAL_SPLITS if s in splits), None)
     roles = [("hash", "train")] if val is None else [("val", val), ("train", "train")]
-    return [(Source("hub", f"{src.hub_id} ({name} split)", role, hub_id=src.hub_id, info={"hub_split": name}),
-             splits[name]) for role, name in roles]
+    return [(Source("hub", f"{src.hub_id} ({name} split)", role, hub_id=src.hub_id, revision=src.revision,
+                    commit=src.commit, info={"hub_split": name}), splits[name]) for role, name in roles]
 
 
 def read_hub(split: Any, src: Source, text_field: str) -> Iterator[str]:

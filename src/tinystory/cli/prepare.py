@@ -17,6 +17,9 @@ def prepare(
     dataset: Annotated[Optional[str], typer.Option(
         "--dataset", "-d", show_default=False,
         help="`sample` (bundled), a .txt/.jsonl/.json/.parquet file, folder or glob, or a hub id.")] = None,
+    revision: Annotated[Optional[str], typer.Option(
+        "--revision", show_default=False,
+        help="Hub dataset branch, tag or commit (default: main); the commit is recorded in meta.json.")] = None,
     tokenizer: Annotated[Optional[str], typer.Option(
         "--tokenizer", "-t", show_default=False, help="`mistral` (32k) or `bpe:N` trained on the train split.")] = None,
     out: Annotated[Optional[Path], typer.Option(
@@ -40,6 +43,7 @@ def prepare(
     """Clean, split and tokenize stories into train.bin / val.bin + meta.json + tokenizer files."""
     settings = resolve(profile, config, set_, flags={
         "data.dataset": (dataset, "--dataset"),
+        "data.revision": (revision, "--revision"),
         "data.tokenizer": (tokenizer, "--tokenizer"),
         "data.out": (str(out) if out is not None else None, "--out"),
         "data.max_stories": (max_stories, "--max-stories"),
