@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from collections.abc import Iterable, Sequence
 
 WORD = re.compile(r"\w+(?:'\w+)*")
@@ -118,18 +119,20 @@ def self_bleu(texts: Sequence[str]) -> float:
     two texts; an empty text scores 0 against the others. Equal to averaging
     `BLEU(effective_order=True).sentence_score(t, others)`, but each text is tokenized
     once and each n-gram keeps its two largest counts, so it runs in O(n), not O(n^2).
+    Only sacrebleu's public API: its 13a tokenizer and `BLEU.compute_bleu`.
     """
     from sacrebleu.metrics import BLEU
-    from sacrebleu.metrics.helpers import extract_all_word_ngrams
 
     if len(texts) < 2:
         return 0.0
     bleu = BLEU(effective_order=True)
+    order = bleu.max_ngram_order
     counts, lengths = [], []
     for t in texts:
-        grams, n_words = extract_all_word_ngrams(bleu._preprocess_segment(t), 1, bleu.max_ngram_order)
-        counts.append(grams)
-        lengths.append(n_words)
+        words = bleu.tokenizer(t.rstrip()).split()  # sacrebleu's own segment preprocessing
+        counts.append(Counter(tuple(words[i : i + n]) for n in range(1, order + 1)
+                              for i in range(len(words) - n + 1)))
+        lengths.append(len(words))
     # n-gram -> (largest count, its text, second largest count): the best count among the
     # *other* texts is the largest unless that text is the hypothesis itself.
     top: dict[tuple[str, ...], tuple[int, int, int]] = {}
@@ -139,14 +142,17 @@ def self_bleu(texts: Sequence[str]) -> float:
             top[g] = (c, i, best) if c > best else (best, owner, max(second, c))
     scores = []
     for i, grams in enumerate(counts):
-        correct = [0] * bleu.max_ngram_order
-        total = [0] * bleu.max_ngram_order
+        correct = [0] * order
+        total = [0] * order
         for g, c in grams.items():
             best, owner, second = top[g]
             total[len(g) - 1] += c
             correct[len(g) - 1] += min(c, second if owner == i else best)
-        ref_len = bleu._get_closest_ref_len(lengths[i], lengths[:i] + lengths[i + 1 :])
-        scores.append(bleu._compute_score_from_stats([lengths[i], ref_len, *correct, *total]).score)
+        others = lengths[:i] + lengths[i + 1 :]
+        ref_len = min(others, key=lambda n: (abs(n - lengths[i]), n))  # sacrebleu: the closest, shorter on ties
+        scores.append(BLEU.compute_bleu(correct, total, lengths[i], ref_len, smooth_method=bleu.smooth_method,
+                                        smooth_value=bleu.smooth_value, effective_order=True,
+                                        max_ngram_order=order).score)
     return sum(scores) / len(scores)
 
 
