@@ -18,6 +18,7 @@ import tarfile
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import tinystory
@@ -132,3 +133,53 @@ def test_journey(tinystory_exe: Path, tmp_path: Path) -> None:
     r = tinystory_("push", str(run_dir), "someone/tiny-stories", "--dry-run", extra_env={"HF_TOKEN": "hf_not_a_real_token"})
     assert "model.safetensors" in r.stdout and "README.md" in r.stdout
     assert "hf_not_a_real_token" not in r.stdout + r.stderr
+
+
+@pytest.mark.slow
+def test_rtx2070_journey_without_extras(tinystory_exe: Path, tmp_path: Path) -> None:
+    """The RTX 2070 owner's path from the same plain install (no extras), as far as a CPU
+    goes: the Mistral tokenizer shipped in the wheel (no mistral-common, no conversion),
+    the memory plan, a few steps of the 40M preset, and W&B offline."""
+    py = tinystory_exe.parent / "python"
+    r = run([str(py), "-c", "import importlib.util as u; print([m for m in ('mistral_common', 'bitsandbytes', "
+             "'wandb', 'fastapi', 'llama_cpp') if u.find_spec(m)])"])
+    assert r.stdout.strip() == "['bitsandbytes', 'wandb']"  # core dependencies; the extras stay out
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update({"TINYSTORY_PLAIN": "1", "COLUMNS": "200", "HOME": str(home), "WANDB_API_KEY": ""})
+    env.pop("WANDB_API_KEY")
+
+    def tinystory_(*args: str) -> subprocess.CompletedProcess:
+        return run([str(tinystory_exe), *args], env=env, cwd=tmp_path)
+
+    data = tmp_path / "mistral-data"
+    r = tinystory_("prepare", "--profile", "rtx2070", "--dataset", "sample", "--max-stories", "200",
+                   "--out", str(data))
+    meta = json.loads((data / "meta.json").read_text())
+    assert (meta["tokenizer"]["name"], meta["tokenizer"]["vocab_size"], meta["splits"]["train"]["stories"]) == (
+        "mistral", 32000, 200)
+    import sentencepiece as spm
+
+    from conftest import sample_stories
+    from tinystory.tokenizer import mistral_model_file
+
+    expected = spm.SentencePieceProcessor(model_file=str(mistral_model_file())).encode(sample_stories("train", 1)[0])
+    stream = np.fromfile(data / "train.bin", dtype=np.uint16, count=len(expected) + 2).tolist()
+    assert stream == [1, *expected, 2]  # BOS + the first story + EOS, sentencepiece's ids
+
+    r = tinystory_("train", "--profile", "rtx2070", "--dry-run")
+    assert "40,609,152 params" in r.stdout + r.stderr and "fits" in r.stdout + r.stderr
+
+    run_dir = tmp_path / "run40m"
+    r = tinystory_("train", "--profile", "rtx2070", "--data", str(data), "--out", str(run_dir), "--precision", "fp32",
+                   "--max-steps", "3", "--set", "train.batch_size=2", "--set", "train.block_size=128",
+                   "--set", "train.eval_tokens=2048", "--set", "train.dataloader_workers=0", "--wandb")
+    assert r.stdout.strip().splitlines()[-1] == str(run_dir)
+    assert "optimizer: torch AdamW (8-bit AdamW steps ~30x slower on a CPU)" in r.stderr
+    assert "W&B offline: not logged in" in r.stderr
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["steps"] == 3 and info["precision"] == "fp32"
+    assert list(run_dir.glob("wandb/offline-run-*")), "no offline W&B run folder"
+    config = json.loads((run_dir / "config.json").read_text())
+    assert (config["num_hidden_layers"], config["hidden_size"], config["vocab_size"]) == (12, 384, 32000)

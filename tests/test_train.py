@@ -153,6 +153,44 @@ def test_wandb_offline_run_folder(prepared: Path, tmp_path: Path, capsys: pytest
     assert f"W&B offline run folder: {runs[0]}" in capsys.readouterr().err.replace("\n", "")
 
 
+def _hide(monkeypatch: pytest.MonkeyPatch, module: str, name: str) -> None:
+    """`importlib.util.find_spec(name)` answers None in `module`: as if `name` were not installed."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(module + ".importlib.util.find_spec", lambda n, *a: None if n == name else real(n, *a))
+
+
+def test_wandb_missing_is_one_line_or_off(prepared: Path, monkeypatch, capsys) -> None:
+    # a core dependency, but a user may have uninstalled it: our line, not the Trainer's
+    # "WandbCallback requires wandb to be installed"
+    from tinystory import wandb_mode
+    from tinystory.cli.app import main
+
+    _hide(monkeypatch, "tinystory.wandb_mode", "wandb")
+    assert wandb_mode.decide("auto") == (None, "wandb is not installed")
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--profile", "tiny", "--data", str(prepared), "--max-steps", "1", "--wandb"])
+    assert e.value.code == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "error: train.wandb = on needs the wandb package, which is not installed (pip install wandb)")
+
+
+def test_8bit_adamw_without_bitsandbytes_is_one_line(monkeypatch) -> None:
+    # bitsandbytes has no wheel for Intel macOS: a CUDA user without it gets the fix, not an ImportError
+    from tinystory.errors import TrainingError
+    from tinystory.settings import load_settings
+    from tinystory.trainer import optimizer_name
+
+    settings = load_settings(profile="rtx2070", env={})
+    _hide(monkeypatch, "tinystory.trainer", "bitsandbytes")
+    assert optimizer_name(settings, "cpu") == "adamw_torch"  # never bitsandbytes on a CPU
+    with pytest.raises(TrainingError) as e:
+        optimizer_name(settings, "cuda")
+    assert str(e.value) == ("train.optimizer = adamw_bnb_8bit needs bitsandbytes, which is not installed "
+                            "(pip install bitsandbytes, or --set train.optimizer=adamw_torch (more GPU memory))")
+
+
 # ---------------------------------------------------------------------------- the CLI
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import json
 import shutil
 import time
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from tinystory import console
 from tinystory.distributed import world
+from tinystory.errors import TrainingError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -238,6 +240,9 @@ def optimizer_name(settings: Settings, device: str) -> str:
     if name == "adamw_bnb_8bit" and device != "cuda":
         console.info("optimizer: torch AdamW (8-bit AdamW steps ~30x slower on a CPU)")
         return "adamw_torch"
+    if name == "adamw_bnb_8bit" and importlib.util.find_spec("bitsandbytes") is None:
+        raise TrainingError("train.optimizer = adamw_bnb_8bit needs bitsandbytes, which is not installed",
+                            "pip install bitsandbytes, or --set train.optimizer=adamw_torch (more GPU memory)")
     return name
 
 

@@ -339,10 +339,27 @@ def _train(settings: Settings, run_dir: Path, ckpt: Path | None, data: PreparedD
         _announce(settings, live, total, fit, train_ds, run_dir, ckpt)
     stop.install()
     try:
-        trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+        try:
+            trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+        finally:
+            stop.restore()
+        return _after_training(trainer, live, settings, data, tok, prec, device, run_dir, init_from, early)
     finally:
-        stop.restore()
-    return _after_training(trainer, live, settings, data, tok, prec, device, run_dir, init_from, early)
+        if report_to:
+            _end_wandb()
+
+
+def _end_wandb() -> None:
+    """End the W&B run after the final evaluation, its closing lines ("Find logs at ...")
+    on stderr: left to wandb's exit hook, they came after the run dir on stdout."""
+    import contextlib
+    import sys
+
+    import wandb
+
+    if wandb.run is not None:
+        with contextlib.redirect_stdout(sys.stderr):
+            wandb.finish()
 
 
 def _callbacks(trainer: Any, live: Live, settings: Settings, wandb: bool) -> tuple[Any, Any]:

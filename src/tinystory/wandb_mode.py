@@ -7,9 +7,12 @@ seconds; otherwise an offline run (synced later with `wandb sync`). Keys are nev
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 from urllib.parse import urlparse
+
+from tinystory.errors import TinystoryError
 
 PROBE_TIMEOUT_S = 3.0
 
@@ -43,6 +46,10 @@ def decide(setting: str) -> tuple[str | None, str]:
     env = os.environ.get("WANDB_MODE", "").strip().lower()
     if setting == "off" or env == "disabled":
         return None, "off"
+    if importlib.util.find_spec("wandb") is None:  # a core dependency, but a user may have removed it
+        if setting == "auto":
+            return None, "wandb is not installed"
+        raise TinystoryError("train.wandb = on needs the wandb package, which is not installed", "pip install wandb")
     if env in ("offline", "dryrun"):
         return "offline", "WANDB_MODE=offline"
     if not logged_in():
