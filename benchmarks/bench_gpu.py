@@ -273,9 +273,9 @@ def ts_score(name: str, size: int, model: Any, run: Path) -> dict[str, Any]:
     from dataclasses import asdict
 
     from tinystory import quantization as q
-    from tinystory import tokenizer as tokmod
+    from tinystory.tokenizer import load_tokenizer
 
-    tok = tokmod.load(run)
+    tok = load_tokenizer(run)
     scorer = q.torch_scorer(model, tok.eos_token_id)
     settings = ts_settings("a100")
     val = q.val_data(run, model, tok, settings, settings.quantize.val_tokens)
@@ -284,9 +284,10 @@ def ts_score(name: str, size: int, model: Any, run: Path) -> dict[str, Any]:
 
 
 def ts_reload(path: Path) -> Any:
-    from tinystory import quantization
+    from tinystory.loading import load_model
+    from tinystory.runs import Run
 
-    return quantization.load_quantized(path)[0]
+    return load_model(Run(path))[0]
 
 
 def ts_generator(run: Path, dtype: str, device: str, compile: bool | None = None) -> Any:
@@ -297,7 +298,7 @@ def ts_generator(run: Path, dtype: str, device: str, compile: bool | None = None
 
 def ts_decode(gen: Any, n: int, greedy: bool = True, seed: int = 0) -> tuple[str, Any]:
     """Decode `n` new tokens (EOS forbidden before n when timing) -> (text, stats)."""
-    from tinystory.generation import SamplingParams
+    from tinystory.sampling import SamplingParams
 
     params = SamplingParams(max_new_tokens=n, greedy=greedy, seed=seed, min_new_tokens=n if greedy else 0)
     text = gen.generate(PROMPT, params)
@@ -432,46 +433,41 @@ def part_profile(a: argparse.Namespace) -> dict[str, Any]:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from tinystory import trainer as trainer_mod
+    from tinystory import training as training_mod
+    from tinystory.trainer import StoryTrainer
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     first, n = 30, 5
     tables: dict[str, str] = {}
-    make = trainer_mod.trainer_class
 
-    def profiled_class():  # type: ignore[no-untyped-def]
-        base = make()
+    class Profiled(StoryTrainer):
+        def training_step(self, *args: Any, **kw: Any) -> Any:
+            step = self.state.global_step
+            if step == first:
+                _sync()
+                self._prof = profile(activities=acts)
+                self._prof.__enter__()
+            if step == first + n:  # the Python of the whole loop (Trainer, callbacks), 10 steps
+                _sync()
+                self._t0, self._py = time.perf_counter(), cProfile.Profile()
+                self._py.enable()
+            out = super().training_step(*args, **kw)
+            if step == first + n - 1:
+                _sync()
+                self._prof.__exit__(None, None, None)
+                avg = self._prof.key_averages()
+                tables["ours"] = avg.table(sort_by=sort, row_limit=45, max_name_column_width=70)
+                tables["ours-cpu"] = avg.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=70)
+            if step == first + n + 9:
+                _sync()
+                self._py.disable()
+                buf = io.StringIO()
+                pstats.Stats(self._py, stream=buf).sort_stats("cumulative").print_stats(60)
+                tables["ours-python"] = f"10 steps, {time.perf_counter() - self._t0:.3f} s wall\n" + buf.getvalue()
+            return out
 
-        class Profiled(base):  # type: ignore[misc,valid-type]
-            def training_step(self, *args: Any, **kw: Any) -> Any:
-                step = self.state.global_step
-                if step == first:
-                    _sync()
-                    self._prof = profile(activities=acts)
-                    self._prof.__enter__()
-                if step == first + n:  # the Python of the whole loop (Trainer, callbacks), 10 steps
-                    _sync()
-                    self._t0, self._py = time.perf_counter(), cProfile.Profile()
-                    self._py.enable()
-                out = super().training_step(*args, **kw)
-                if step == first + n - 1:
-                    _sync()
-                    self._prof.__exit__(None, None, None)
-                    avg = self._prof.key_averages()
-                    tables["ours"] = avg.table(sort_by=sort, row_limit=45, max_name_column_width=70)
-                    tables["ours-cpu"] = avg.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=70)
-                if step == first + n + 9:
-                    _sync()
-                    self._py.disable()
-                    buf = io.StringIO()
-                    pstats.Stats(self._py, stream=buf).sort_stats("cumulative").print_stats(60)
-                    tables["ours-python"] = f"10 steps, {time.perf_counter() - self._t0:.3f} s wall\n" + buf.getvalue()
-                return out
-
-        return Profiled
-
-    trainer_mod.trainer_class = profiled_class
+    training_mod.StoryTrainer = Profiled  # what `train` builds
     _train_part(a, "a100", "profile", first + n + 12, extra=overrides(a.set))
     tables["plain"] = part_plain(a, profile_steps=(acts, sort, n))["profile_table"]
     out = {}
@@ -676,9 +672,9 @@ def _timed(once: Any, n: int, warm: int = 1, reps: int = 3) -> dict[str, float]:
 
 
 def _encode(run: Path, text: str) -> list[int]:
-    from tinystory import tokenizer as tokmod
+    from tinystory.tokenizer import load_tokenizer
 
-    tok = tokmod.load(run)
+    tok = load_tokenizer(run)
     return [tok.bos_token_id] + tok.encode(text, add_special_tokens=False)
 
 

@@ -75,17 +75,19 @@ def variants(run: Path, out: Path, threads: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from tinystory import int8 as I8
+    from tinystory import loading as L
     from tinystory import quantization as Q
     from tinystory import tokenizer as T
     from tinystory.gguf_export import write_gguf
 
-    tok = T.load(run)
+    tok = T.load_tokenizer(run)
     eos = tok.eos_token_id
     fp32 = AutoModelForCausalLM.from_pretrained(run, dtype=torch.float32).eval()
     v = {"fp32 (transformers)": ((run / "model.safetensors").stat().st_size, Q.torch_scorer(fp32, eos))}
     v["bf16 (transformers)"] = (None, Q.torch_scorer(copy.deepcopy(fp32).to(torch.bfloat16), eos))
-    Q.save_int8(fp32, tok, out / "int8")
-    v["int8 torch.ao dynamic (ours)"] = (Q._size(out / "int8"), Q.torch_scorer(Q.load_int8(out / "int8")[0], eos))
+    I8.save_int8(fp32, tok, out / "int8")
+    v["int8 torch.ao dynamic (ours)"] = (Q._size(out / "int8"), Q.torch_scorer(I8.load_int8(out / "int8")[0], eos))
     try:
         from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, quantize_
 
@@ -96,10 +98,10 @@ def variants(run: Path, out: Path, threads: int) -> dict:
             v[name] = (None, Q.torch_scorer(m, eos))
     except ImportError:
         print("  torchao not installed: its int8 configs are not measured", file=sys.stderr)
-    if Q.llama_cpp_available():
+    if L.llama_cpp_available():
         for qtype in ("f32", "f16", "q8_0"):
             path = write_gguf(fp32, tok, out / f"m-{qtype}.gguf", qtype)
-            llm = Q.load_gguf(path, n_ctx=512, threads=threads, logits_all=True)
+            llm = L.load_gguf(path, n_ctx=512, threads=threads, logits_all=True)
             v[f"gguf {qtype} (llama.cpp)"] = (path.stat().st_size, Q.llama_scorer(llm, eos))
     else:
         print(f"  llama-cpp-python missing: {Q.GGUF_HINT}", file=sys.stderr)
@@ -116,7 +118,7 @@ def bench(run: Path, threads: int, repeats: int, gen_tokens: int, val_tokens: in
     torch.set_num_threads(threads)
     from tinystory.settings import load_settings
 
-    tok = T.load(run)
+    tok = T.load_tokenizer(run)
     val = Q.val_data(run, None, tok, load_settings(profile="cpu", env={}), val_tokens)
     prompt = tok(PROMPT)["input_ids"]
     with tempfile.TemporaryDirectory() as tmp:

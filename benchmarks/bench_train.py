@@ -221,9 +221,9 @@ def seed_recipe(data_path: Path, settings, precision: str, seconds: float) -> tu
 
 def val_bpb(model, data_path: Path, block: int, tokens: int = 65536) -> float:  # type: ignore[no-untyped-def]
     from tinystory.data import open_prepared
+    from tinystory.evaluation import score_stream
     from tinystory.metrics import bits_per_byte
     from tinystory.tokenizer import token_byte_lengths
-    from tinystory.evaluation import score_stream
 
     data = open_prepared(data_path)
     model = model.float()
@@ -278,11 +278,11 @@ def part_c(minutes: float) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from tinystory.evaluation import score_stream
     from tinystory.metrics import bits_per_byte
     from tinystory.prepare import prepare
     from tinystory.settings import load_settings
     from tinystory.tokenizer import token_byte_lengths
-    from tinystory.evaluation import score_stream
 
     settings = load_settings(profile="cpu", overrides={"data.dataset": (RACE_FILES, "bench")})
     data = prepare(settings)

@@ -18,9 +18,8 @@ from typer.testing import CliRunner
 
 from tinystory.cli.app import app
 from tinystory.errors import DataError, SettingsError
-from tinystory.evaluation import (
-    METRICS, evaluate, generate, parse_metrics, score_stream, table, val_stories,
-)
+from tinystory.evaluation import METRICS, continue_prompts, evaluate, parse_metrics, table, val_stories
+from tinystory.scoring import score_stream
 from tinystory.settings import load_settings
 
 runner = CliRunner()
@@ -52,9 +51,10 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def model(random_run):
-    from tinystory.evaluation import load_model
+    from tinystory.loading import load_model
+    from tinystory.runs import Run
 
-    return load_model(random_run, "cpu")
+    return load_model(Run(random_run), "cpu")
 
 
 # ------------------------------------------------------------------------- metrics API
@@ -110,8 +110,8 @@ def test_left_padded_batch_continues_like_one_prompt(model, tiny):
     ev = tiny.replace(eval__temperature=0.0, eval__max_new_tokens=8, eval__batch_size=2).eval
     short = tok("Once upon").input_ids
     longer = tok("Lily and her dog went to the park").input_ids
-    alone = generate(net, tok, [short], ev)
-    batched = generate(net, tok, [longer, short], ev)
+    alone = continue_prompts(net, tok, [short], ev)
+    batched = continue_prompts(net, tok, [longer, short], ev)
     assert batched[1] == alone[0]
 
 
@@ -183,13 +183,9 @@ def test_refuses_data_of_another_tokenizer(run, tiny, tmp_path, bpe_tokenizer):
     assert str(e.value).endswith("(pass --data with the folder the run was trained on)")
 
 
-def test_quantized_models_go_through_the_quantize_loader(run, tiny, monkeypatch, model):
-    import types
-
+def test_quantized_models_go_through_the_int8_loader(run, tiny, monkeypatch, model):
     calls = []
-    fake = types.ModuleType("tinystory.quantization")
-    fake.load_quantized = lambda path: calls.append(path) or model  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "tinystory.quantization", fake)
+    monkeypatch.setattr("tinystory.loading.load_int8", lambda path: calls.append(path) or model)
     q = run / "int8"
     q.mkdir()
     (q / "quantization.json").write_text('{"method": "int8"}')

@@ -15,13 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import sample_stories
+
 from tinystory.cli.app import main
 from tinystory.errors import RunError, SettingsError
-from tinystory.generation import (
-    Backend, Generator, GenerationStats, HFTokenizerMixin, PromptError, SamplingParams, _load_backend, records,
-)
+from tinystory.generation import Generator, records
+from tinystory.sampling import Backend, GenerationStats, HFTokenizerMixin, PromptError, SamplingParams
 
 PROMPT = "Once upon a time"
 GOLDEN = " there was a little girl was a little girl was a little girl was a little girl was a little girl was a little"  # 24 greedy tokens
@@ -118,7 +117,7 @@ def test_incremental_detokenization_keeps_spaces_and_whole_characters(kind: str,
     assert "".join(pieces) == expected
     assert not any("\ufffd" in p for p in pieces)  # no broken UTF-8, ever
     assert len(pieces) > 10
-    assert gen.last_stats.finish_reason == "eos" and gen.last_stats.finished_by_eos
+    assert gen.last_stats.finish_reason == "eos"
 
 
 def test_cut_off_character_is_flushed_at_the_end(bpe_tokenizer):
@@ -189,22 +188,20 @@ def test_temperature_zero_is_greedy(trained: Generator):
 
 
 def test_load_backend_dispatches_quantized_models(tmp_path: Path, monkeypatch):
-    import types
+    from tinystory import backends
+    from tinystory.runs import Run
 
     calls = []
-    fake = types.ModuleType("tinystory.quantization")
-    fake.load_backend = lambda path, **kw: calls.append((path.name, kw)) or "backend"
-    monkeypatch.setitem(sys.modules, "tinystory.quantization", fake)
-    import tinystory
-
-    monkeypatch.setattr(tinystory, "quantization", fake, raising=False)  # an earlier import set the attribute
+    monkeypatch.setattr(backends, "GGUFBackend", lambda path, threads: calls.append(("gguf", path.name, threads))
+                        or "llama.cpp")
+    monkeypatch.setattr(backends, "quantized_backend", lambda run, threads: calls.append(("folder", run.path.name,
+                                                                                          threads)) or "int8")
     (tmp_path / "model.gguf").write_bytes(b"GGUF")
     (tmp_path / "int8").mkdir()
     (tmp_path / "int8" / "quantization.json").write_text("{}")
-    assert _load_backend(tmp_path / "model.gguf", threads=1) == "backend"
-    assert Generator.load(tmp_path / "int8").backend == "backend"
-    assert calls == [("model.gguf", {"device": "auto", "dtype": "auto", "threads": 1}),
-                     ("int8", {"device": "auto", "dtype": "auto", "threads": 0})]
+    assert backends.load_backend(Run(tmp_path / "model.gguf"), threads=1) == "llama.cpp"
+    assert Generator.load(tmp_path / "int8").backend == "int8"
+    assert calls == [("gguf", "model.gguf", 1), ("folder", "int8", 0)]
 
 
 def test_checkpoint_finds_the_tokenizer_of_its_run(trained_run: Path, tmp_path: Path):
@@ -282,10 +279,11 @@ def test_cli_prompts_file_writes_json_lines(trained_run: Path, tmp_path: Path, c
 def test_cli_interactive_loop(trained_run: Path, capsys, monkeypatch):
     import io
 
-    import tinystory.cli.generate as cmd
+    class Terminal(io.StringIO):  # what a person typing looks like
+        def isatty(self) -> bool:
+            return True
 
-    monkeypatch.setattr(cmd, "stdin_is_tty", lambda: True)
-    monkeypatch.setattr(sys, "stdin", io.StringIO("Once upon a time\n\nThe dog\n"))
+    monkeypatch.setattr(sys, "stdin", Terminal("Once upon a time\n\nThe dog\n"))
     code, out, err = cli(capsys, "generate", "-r", str(trained_run), "--greedy", "-n", "24")
     assert code == 0
     assert out.startswith(PROMPT + GOLDEN + "\n") and "\nThe dog" in out
@@ -348,7 +346,7 @@ def test_random_run_fixture_loads(random_run: Path):
 def test_static_cache_path_matches_the_dynamic_one(bpe_tokenizer, monkeypatch, window):
     """The compiled path's cache logic (StaticCache, positions, reuse, sliding window) on CPU;
     inductor itself is torch's job, so torch.compile is the identity here."""
-    from tinystory.generation_hf import HFBackend
+    from tinystory.backends import HFBackend
     from tinystory.model import build_config, build_model
 
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
@@ -366,7 +364,7 @@ def test_static_cache_path_matches_the_dynamic_one(bpe_tokenizer, monkeypatch, w
 
 def test_compile_default_is_cuda_only(trained_run: Path):
     from tinystory.errors import SettingsError
-    from tinystory.generation_hf import pick_compile
+    from tinystory.loading import pick_compile
 
     assert [pick_compile(d, c) for d in ("cpu", "cuda") for c in (None, "auto")] == [False, False, True, True]
     assert (pick_compile("cpu", "on"), pick_compile("cuda", "off"), pick_compile("cuda", False)) == (True, False, False)
@@ -377,7 +375,7 @@ def test_compile_default_is_cuda_only(trained_run: Path):
 
 
 def test_threads_by_model_size(monkeypatch):
-    from tinystory.generation_hf import default_threads
+    from tinystory.loading import default_threads
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
     monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.2, 0.2))
@@ -406,7 +404,7 @@ def test_cuda_default_and_compiled_paths(trained_run: Path):
 def test_top_p_keeps_the_tokens_transformers_keeps(top_p: float, spread: float):
     from transformers import TopPLogitsWarper
 
-    from tinystory.generation_hf import TopP
+    from tinystory.backends import TopP
 
     g = torch.Generator().manual_seed(int(spread * 10) + int(top_p * 100))
     scores = torch.randn(3, 4096, generator=g) * spread  # flat to peaked distributions

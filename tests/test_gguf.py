@@ -9,14 +9,15 @@ import math
 
 import numpy as np
 import pytest
-
 from conftest import sample_stories
+
+from tinystory import loading as L
 from tinystory import quantization as Q
 from tinystory.errors import QuantizationError
 from tinystory.gguf_export import write_gguf
 
 NO_LLAMA = "llama-cpp-python is not installed (pip install 'tinystory-llm[gguf]'); llama.cpp checks skipped"
-needs_llama = pytest.mark.skipif(not Q.llama_cpp_available(), reason=NO_LLAMA)
+needs_llama = pytest.mark.skipif(not L.llama_cpp_available(), reason=NO_LLAMA)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -27,7 +28,7 @@ def load(run):
 
     from tinystory import tokenizer as T
 
-    return AutoModelForCausalLM.from_pretrained(run).eval(), T.load(run)
+    return AutoModelForCausalLM.from_pretrained(run).eval(), T.load_tokenizer(run)
 
 
 def fields(reader) -> dict:
@@ -132,7 +133,7 @@ def test_llama_cpp_greedy_matches_hf(trained_run, tmp_path, qtype):
 
     model, tok = load(trained_run)
     path = write_gguf(model, tok, tmp_path / f"t-{qtype}.gguf", qtype)
-    llm = Q.load_gguf(path, n_ctx=256, threads=1, logits_all=True)
+    llm = L.load_gguf(path, n_ctx=256, threads=1, logits_all=True)
     try:
         hf, cpp = Q.torch_scorer(model, tok.eos_token_id), Q.llama_scorer(llm, tok.eos_token_id)
         prompt = tok("Once upon a time")["input_ids"]
@@ -157,7 +158,7 @@ def test_llama_cpp_mistral_tokenizer(tmp_path):
     tok = load_mistral()
     torch.manual_seed(0)
     path = write_gguf(build_model(build_config("tiny", len(tok))), tok, tmp_path / "mistral.gguf", "f16")
-    llm = Q.load_gguf(path, n_ctx=64, threads=1)
+    llm = L.load_gguf(path, n_ctx=64, threads=1)
     try:
         stories = sample_stories("val", 30)
         assert [llm.tokenize(s.encode(), add_bos=True) for s in stories] == [tok(s)["input_ids"] for s in stories]
@@ -179,7 +180,7 @@ def test_quantize_gguf_command(capsys, trained_run, tmp_path):
     assert manifest["load"].endswith("no sliding window: same attention")  # the tiny preset has none
     ref, row = manifest["comparison"]["rows"]
     assert row["size_bytes"] == target.stat().st_size < 0.3 * ref["size_bytes"]
-    if Q.llama_cpp_available():
+    if L.llama_cpp_available():
         assert row["greedy_match"] == row["greedy_len"] == ref["greedy_len"]
         assert abs(row["bpb"] / ref["bpb"] - 1) < 0.01
     else:
@@ -198,14 +199,15 @@ def test_load_gguf_hint_when_llama_cpp_missing(monkeypatch, tmp_path):
 
     monkeypatch.setattr(builtins, "__import__", no_llama)
     with pytest.raises(QuantizationError) as e:
-        Q.load_gguf(tmp_path / "m.gguf")
+        L.load_gguf(tmp_path / "m.gguf")
     assert str(e.value) == ("running a .gguf needs llama-cpp-python, which is not installed "
                             "(pip install 'tinystory-llm[gguf]' (builds llama-cpp-python, a few minutes))")
 
 
 @needs_llama
 def test_generate_runs_a_gguf_like_the_hf_model(trained_run, tmp_path):
-    from tinystory.generation import Generator, SamplingParams
+    from tinystory.generation import Generator
+from tinystory.sampling import SamplingParams
 
     model, tok = load(trained_run)
     path = write_gguf(model, tok, tmp_path / "t-f32.gguf", "f32")

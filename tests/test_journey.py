@@ -160,8 +160,8 @@ def test_rtx2070_journey_without_extras(tinystory_exe: Path, tmp_path: Path) -> 
     assert (meta["tokenizer"]["name"], meta["tokenizer"]["vocab_size"], meta["splits"]["train"]["stories"]) == (
         "mistral", 32000, 200)
     import sentencepiece as spm
-
     from conftest import sample_stories
+
     from tinystory.tokenizer import mistral_model_file
 
     expected = spm.SentencePieceProcessor(model_file=str(mistral_model_file())).encode(sample_stories("train", 1)[0])

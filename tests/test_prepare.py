@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import sample_stories
+
 from tinystory.cli.app import main
 from tinystory.data import open_prepared
 from tinystory.errors import DataError

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from hub_server import Repo, StandInHub, validate_metadata
+
 from tinystory.cli.app import main
 from tinystory.hub import format_size
 
@@ -62,11 +62,11 @@ def evaluated_run(random_run: Path, tmp_path_factory: pytest.TempPathFactory) ->
     checkpoints, optimizer state, caches and quantized variants."""
     run = tmp_path_factory.mktemp("evaluated") / "run"
     shutil.copytree(random_run, run)
-    from tinystory.evaluation import weights_sha256
+    from tinystory.runs import Run
 
     (run / "run.json").write_text(json.dumps(RUN_INFO), encoding="utf-8")
     evaluation = {"run": str(run), "name": "run", "metrics": METRICS, "reference": REFERENCE, "counts": COUNTS,
-                  "settings": EVAL_SETTINGS, "weights_sha256": weights_sha256(run), "tinystory_version": "0.1.0"}
+                  "settings": EVAL_SETTINGS, "weights_sha256": Run(run).weights_sha256(), "tinystory_version": "0.1.0"}
     (run / "eval.json").write_text(json.dumps(evaluation), encoding="utf-8")
     (run / "metrics.jsonl").write_text('{"step": 10, "loss": 5.1}\n{"step": 20, "loss": 4.2}\n', encoding="utf-8")
     (run / "loss.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))

@@ -8,12 +8,14 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import sample_stories, write_prepared
+
+from tinystory import int8 as I8
+from tinystory import loading as L
 from tinystory import quantization as Q
 from tinystory.cli.app import main
 from tinystory.errors import QuantizationError
-
+from tinystory.runs import Run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -31,16 +33,16 @@ def cli(capsys, *argv: str) -> tuple[int, str, str]:
 
 def test_unknown_method_is_one_line_error():
     with pytest.raises(QuantizationError) as e:
-        Q.check_method("int4")
+        L.check_method("int4")
     assert str(e.value) == "unknown quantization method 'int4' (did you mean 'int8'?)"
 
 
 def test_bnb_needs_cuda():
     with pytest.raises(QuantizationError) as e:
-        Q.check_method("bnb-nf4", cuda=False)
+        L.check_method("bnb-nf4", cuda=False)
     assert str(e.value) == ("bnb-nf4 needs a CUDA GPU (bitsandbytes quantizes on CUDA), none is here "
                             "(on this CPU use --method int8, or gguf-q8_0 for llama.cpp)")
-    Q.check_method("bnb-int8", cuda=True)  # fine where CUDA is
+    L.check_method("bnb-int8", cuda=True)  # fine where CUDA is
 
 
 def test_cli_errors_exit_1_with_one_line(capsys, random_run):
@@ -79,19 +81,19 @@ def test_int8_round_trip(random_run, tmp_path):
     from tinystory import tokenizer as T
 
     model = AutoModelForCausalLM.from_pretrained(random_run).eval()
-    tok = T.load(random_run)
-    Q.save_int8(model, tok, tmp_path / "int8")
-    saved = load_file(str(tmp_path / "int8" / Q.INT8_WEIGHTS))
+    tok = T.load_tokenizer(random_run)
+    I8.save_int8(model, tok, tmp_path / "int8")
+    saved = load_file(str(tmp_path / "int8" / I8.INT8_WEIGHTS))
     # every matrix is int8 (tied embedding stored once, as the head), only norms and scales are fp32
     matrices = {k: v for k, v in saved.items() if v.dim() == 2}
     assert len(matrices) == 2 * 7 + 1 and all(v.dtype == torch.int8 for v in matrices.values())
     assert "model.embed_tokens.weight" not in saved
     assert all(v.dtype == torch.float32 and v.dim() == 1 for k, v in saved.items() if k not in matrices)
-    size = (tmp_path / "int8" / Q.INT8_WEIGHTS).stat().st_size
+    size = (tmp_path / "int8" / I8.INT8_WEIGHTS).stat().st_size
     assert size / (random_run / "model.safetensors").stat().st_size < 0.30
 
-    reloaded, tok2 = Q.load_int8(tmp_path / "int8")
-    in_memory = Q.build_int8(model.config, Q.int8_state(model))
+    reloaded, tok2 = I8.load_int8(tmp_path / "int8")
+    in_memory = I8.build_int8(model.config, I8.int8_state(model))
     ids = torch.tensor([tok("Once upon a time")["input_ids"]])  # (1, T)
     with torch.no_grad():
         a, b, ref = reloaded(ids).logits, in_memory(ids).logits, model(ids).logits
@@ -104,7 +106,7 @@ def test_int8_round_trip(random_run, tmp_path):
 
 def test_load_int8_missing_is_one_line_error(tmp_path):
     with pytest.raises(QuantizationError) as e:
-        Q.load_int8(tmp_path)
+        I8.load_int8(tmp_path)
     assert str(e.value) == (f"{tmp_path} holds no int8 model (model-int8.safetensors is missing) "
                             "(run `tinystory quantize RUN --method int8`)")
 
@@ -116,9 +118,9 @@ def test_int8_stays_close_on_trained_model(trained_run):
     from tinystory.settings import load_settings
 
     model = AutoModelForCausalLM.from_pretrained(trained_run).eval()
-    tok = T.load(trained_run)
-    state = Q.int8_state(model)
-    int8 = Q.build_int8(model.config, state, reduce_range=True)  # fbgemm's portable 7-bit activations
+    tok = T.load_tokenizer(trained_run)
+    state = I8.int8_state(model)
+    int8 = I8.build_int8(model.config, state, reduce_range=True)  # fbgemm's portable 7-bit activations
     val = Q.val_data(trained_run, model, tok, load_settings(profile="tiny", env={}), 4096)
     assert (val.source, val.block_size, len(val.tokens)) == ("bundled sample valid.txt.gz", 64, 4096)
     ref, q = Q.torch_scorer(model, tok.eos_token_id), Q.torch_scorer(int8, tok.eos_token_id)
@@ -129,7 +131,7 @@ def test_int8_stays_close_on_trained_model(trained_run):
     assert Q.leading_match(ref.greedy(prompt, 32, True), q.greedy(prompt, 32, True)) == 32
 
 
-@pytest.mark.skipif(not Q.full_range_activations(), reason="8-bit activations need a CPU with VNNI")
+@pytest.mark.skipif(not I8.full_range_activations(), reason="8-bit activations need a CPU with VNNI")
 def test_full_range_activations_are_closer_to_fp32(trained_run):
     import torch
     from transformers import AutoModelForCausalLM
@@ -137,14 +139,14 @@ def test_full_range_activations_are_closer_to_fp32(trained_run):
     from tinystory import tokenizer as T
 
     model = AutoModelForCausalLM.from_pretrained(trained_run).eval()
-    state = Q.int8_state(model)
-    ids = torch.tensor([T.load(trained_run)(" ".join(sample_stories("val", 3)))["input_ids"][:256]])
+    state = I8.int8_state(model)
+    ids = torch.tensor([T.load_tokenizer(trained_run)(" ".join(sample_stories("val", 3)))["input_ids"][:256]])
     with torch.no_grad():
         ref = model(ids).logits
-        err = {rr: (Q.build_int8(model.config, state, reduce_range=rr)(ids).logits - ref).abs().mean().item()
+        err = {rr: (I8.build_int8(model.config, state, reduce_range=rr)(ids).logits - ref).abs().mean().item()
                for rr in (True, False)}
     assert err[False] < 0.75 * err[True], err  # the 8th bit roughly halves the activation rounding
-    assert type(Q.build_int8(model.config, state).model.layers[0].mlp.down_proj).__name__ == "FullRangeDynLinear"
+    assert type(I8.build_int8(model.config, state).model.layers[0].mlp.down_proj).__name__ == "FullRangeDynLinear"
 
 
 BPB_FP32 = 2.0181
@@ -189,7 +191,7 @@ def test_quantize_int8_command(capsys, trained_run, tmp_path, bpe_tokenizer):
         assert code == 0, err
         assert json.loads(out)["metrics"]["bpb"] == pytest.approx(expected, rel=1e-6)
 
-    model, tok = Q.load_quantized(out_dir)  # what `generate` / `eval` call for a quantized folder
+    model, tok = L.load_model(Run(out_dir))  # what `generate` / `eval` call for a quantized folder
     assert type(model).__name__ == "MistralForCausalLM"
 
     code, out, err = cli(capsys, "quantize", str(out_dir), "--method", "int8")
@@ -220,8 +222,8 @@ def test_bnb_quantize_reload_generate(trained_run, tmp_path, method):
 
     settings = load_settings(profile="tiny", env={}).replace(quantize__method=method)
     target, rows = Q.quantize(trained_run, settings, tmp_path / method, val_tokens=1024, gen_tokens=16, reps=1)
-    assert (target / "config.json").is_file() and Q.read_manifest(target)["method"] == method
-    model, tok = Q.load_quantized(target)  # plain from_pretrained underneath
+    assert (target / "config.json").is_file() and Run(target).manifest["method"] == method
+    model, tok = L.load_model(Run(target))  # plain from_pretrained underneath
     ids = tok("Once upon a time", return_tensors="pt")["input_ids"].to(model.device)
     assert model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False).shape[1] == ids.shape[1] + 8
     assert rows[1].size_bytes < rows[0].size_bytes
@@ -236,9 +238,9 @@ def test_int8_untied_embeddings_round_trip(bpe_tokenizer):
     config.tie_word_embeddings = False
     torch.manual_seed(0)
     model = build_model(config).eval()
-    state = Q.int8_state(model)
+    state = I8.int8_state(model)
     assert state["model.embed_tokens.weight"].dtype == state["lm_head.weight"].dtype == torch.int8
     ids = torch.tensor([[1, 40, 41, 42]])
     with torch.no_grad():
-        a, ref = Q.build_int8(config, state)(ids).logits, model(ids).logits
+        a, ref = I8.build_int8(config, state)(ids).logits, model(ids).logits
     assert (a - ref).abs().max() < 0.05 * ref.abs().max()

@@ -24,15 +24,9 @@ pytest.importorskip("uvicorn", reason="needs the serve extra: pip install 'tinys
 from conftest import PacedGenerator  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
-from tinystory.generation import Generator, SamplingParams  # noqa: E402
-from tinystory.serve import (  # noqa: E402
-    StopScanner,
-    bind,
-    create_app,
-    is_loopback,
-    parse_completion,
-    serve_in_thread,
-)
+from tinystory.generation import Generator  # noqa: E402
+from tinystory.sampling import SamplingParams  # noqa: E402
+from tinystory.serve import StopScanner, bind, create_app, is_loopback, parse_completion, serve_in_thread  # noqa: E402
 
 PROMPT = "Once upon a time"
 DEFAULTS = SamplingParams(max_new_tokens=32, temperature=1.0, top_p=0.9, seed=None)

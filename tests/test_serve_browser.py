@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 from conftest import PacedGenerator
 
-from tinystory.generation import Generator, SamplingParams
+from tinystory.generation import Generator
+from tinystory.sampling import SamplingParams
 
 REQUIRED = os.environ.get("TINYSTORY_REQUIRE_BROWSER", "") not in ("", "0")  # CI: fail, do not skip
 CHROMIUM = os.environ.get("TINYSTORY_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import sample_stories
+
 from tinystory import tokenizer as T
 from tinystory.errors import SettingsError
 
@@ -50,7 +50,6 @@ def test_mistral_matches_sentencepiece_on_all_the_shared_text(mistral):
     """Every story of the shared TinyStories text (and the bundled sample) and the awkward
     strings give sentencepiece's ids exactly: the shipped tokenizer.json was built for it."""
     import sentencepiece as spm
-
     from conftest import SHARED
 
     sp = spm.SentencePieceProcessor(model_file=str(T.mistral_model_file()))
@@ -73,8 +72,8 @@ def test_mistral_reads_special_token_strings_as_specials(mistral):
 
 
 def test_mistral_survives_save_and_auto_load(mistral, tmp_path):
-    T.save(mistral, tmp_path)
-    back = T.load(tmp_path)
+    mistral.save_pretrained(tmp_path)
+    back = T.load_tokenizer(tmp_path)
     assert back(SENTENCE)["input_ids"] == MISTRAL_IDS
     assert T.fingerprint(back) == T.fingerprint(mistral)
 
@@ -85,7 +84,7 @@ def test_bpe_is_deterministic_and_reloads(tmp_path):
     assert T.fingerprint(a) == T.fingerprint(b)
     assert len(a) == 600
     assert (a.unk_token_id, a.bos_token_id, a.eos_token_id) == (0, 1, 2)
-    T.save(a, tmp_path)
+    a.save_pretrained(tmp_path)
     from transformers import AutoTokenizer
 
     back = AutoTokenizer.from_pretrained(tmp_path)
@@ -122,9 +121,9 @@ def test_parse_spec_rejects(spec):
 @pytest.mark.parametrize("which", ["mistral", "bpe"])
 def test_describe_files_agrees_with_the_loaded_tokenizer(which, mistral, bpe_tokenizer, tmp_path):
     tok = mistral if which == "mistral" else bpe_tokenizer
-    T.save(tok, tmp_path)
+    tok.save_pretrained(tmp_path)
     files = T.describe_files(tmp_path)  # `tokenizers` only: what `prepare` records
-    assert files.sha256 == T.fingerprint(tok) == T.fingerprint(T.load(tmp_path))
+    assert files.sha256 == T.fingerprint(tok) == T.fingerprint(T.load_tokenizer(tmp_path))
     assert files.vocab_size == len(tok) == {"mistral": 32000, "bpe": 512}[which]
     assert (files.unk_id, files.bos_id, files.eos_id, files.pad_id) == (0, 1, 2, 2)
     assert files.dtype == "uint16"
@@ -133,7 +132,7 @@ def test_describe_files_agrees_with_the_loaded_tokenizer(which, mistral, bpe_tok
 
 
 def test_describe_files_memo_is_reused_until_the_files_change(mistral, tmp_path, monkeypatch):
-    T.save(mistral, tmp_path)
+    mistral.save_pretrained(tmp_path)
     first = T.describe_files(tmp_path, memo=True)
     assert (tmp_path / T.DESCRIPTION).is_file() and first == T.describe_files(tmp_path)
     calls = []
@@ -153,7 +152,7 @@ def test_quick_load_file_is_the_same_tokenizer(mistral, tmp_path):
 
     from tokenizers import Tokenizer
 
-    T.save(mistral, tmp_path)
+    mistral.save_pretrained(tmp_path)
     quick = T.quick_load_file(tmp_path)
     assert quick.parent == tmp_path and quick.name.startswith("tokenizer.quick-")
     assert quick.stat().st_size < 0.5 * (tmp_path / "tokenizer.json").stat().st_size  # "a b" merges, no indent
@@ -177,7 +176,7 @@ def test_quick_load_file_that_cannot_be_written_is_the_original(mistral, tmp_pat
     import errno
     from pathlib import Path
 
-    T.save(mistral, tmp_path)
+    mistral.save_pretrained(tmp_path)
     before = sorted(p.name for p in tmp_path.iterdir())
     real = Path.write_text
 

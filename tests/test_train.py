@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import sample_stories, write_prepared
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,7 +69,7 @@ def test_loss_falls_on_real_text(trained: Path) -> None:
 
 
 def test_run_dir_contents(trained: Path) -> None:
-    from tinystory.runs import has_model, run_settings
+    from tinystory.runs import Run, has_model
 
     names = {p.name for p in trained.iterdir()}
     assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "settings.toml",
@@ -82,7 +81,7 @@ def test_run_dir_contents(trained: Path) -> None:
     assert info["stopped_because"] == "max_steps"
     assert info["precision"] == "fp32" and info["parameters"] == 139_584
     assert info["data"]["tokenizer"] == "bpe:512" and len(info["data"]["tokenizer_sha256"]) == 64
-    assert run_settings(trained).train.max_steps == 30
+    assert Run(trained).settings.train.max_steps == 30
     ckpts = sorted(p.name for p in (trained / "checkpoints").iterdir())
     assert ckpts == ["best", "checkpoint-10", "checkpoint-20", "checkpoint-30"]
     gen = json.loads((trained / "generation_config.json").read_text())
@@ -96,8 +95,8 @@ def test_run_dir_reloads_with_plain_transformers(trained: Path, prepared: Path) 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tinystory.data import open_prepared
-    from tinystory.tokenizer import token_byte_lengths
     from tinystory.evaluation import score_stream
+    from tinystory.tokenizer import token_byte_lengths
 
     model = AutoModelForCausalLM.from_pretrained(str(trained))
     tok = AutoTokenizer.from_pretrained(str(trained))
@@ -238,7 +237,7 @@ def test_init_from_needs_the_same_tokenizer(random_run: Path, tmp_path: Path, ca
 
 
 def test_sigint_saves_a_checkpoint_and_exits_130(prepared: Path, tmp_path: Path) -> None:
-    from tinystory.callbacks import latest_checkpoint
+    from tinystory.runs import latest_checkpoint
 
     run = tmp_path / "sig"
     proc = cli("train", "--profile", "tiny", "--data", str(prepared), "--out", str(run), "--max-steps", "100000",
@@ -367,7 +366,7 @@ def test_eager_attention_trains_the_same_model(prepared: Path, tmp_path: Path) -
 def test_run_json_names_the_device(monkeypatch) -> None:
     import torch
 
-    from tinystory.rundir import cpu_model, device_name
+    from tinystory.loading import cpu_model, device_name
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "NVIDIA GeForce RTX 2070")
     assert device_name("cuda") == "cuda: NVIDIA GeForce RTX 2070"

@@ -1,7 +1,7 @@
 """Trainer callbacks: the learning-rate schedule, metrics.jsonl and progress, Ctrl-C,
 divergence, the `--minutes` budget and complete-checkpoint markers.
 
-They share one `Live` object (what the run knows about itself) with `training.py`.
+They share one `RunStatus` object (what the run knows about itself) with `training.py`.
 Only rank 0 writes files or prints; every rank takes the same stop decisions.
 """
 
@@ -15,11 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transformers import TrainerCallback
+import torch
+import torch.distributed as dist
+from transformers import EarlyStoppingCallback, TrainerCallback
 
 from tinystory import console
+from tinystory.runs import COMPLETE
 
-COMPLETE = "complete.json"  # written last into a checkpoint: only these are resumed from
 NONFINITE_PATIENCE = 10  # optimizer steps in a row with a NaN/inf loss before we stop
 
 
@@ -44,8 +46,9 @@ class Schedule:
 
 
 @dataclass
-class Live:
-    """What the callbacks and the training function share about the running run."""
+class RunStatus:
+    """What the callbacks and the training flow share about the running run: its rates and
+    its schedule, its evaluations, its time, and why it stopped."""
 
     run_dir: Path
     tokens_per_step: int
@@ -76,9 +79,6 @@ def _max_over_ranks(values: list[int], world_size: int) -> list[int]:
     """Element-wise max of `values` over all ranks (one small all-reduce; identity alone)."""
     if world_size <= 1:
         return values
-    import torch
-    import torch.distributed as dist
-
     t = torch.tensor(values, dtype=torch.int64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return [int(v) for v in t.tolist()]
@@ -87,48 +87,48 @@ def _max_over_ranks(values: list[int], world_size: int) -> list[int]:
 class Metrics(TrainerCallback):
     """Appends every logged value to metrics.jsonl (step, tokens, wall time) and shows progress."""
 
-    def __init__(self, live: Live, display: Any) -> None:
-        self.live = live
+    def __init__(self, status: RunStatus, display: Any) -> None:
+        self.status = status
         self.display = display
-        self.path = live.run_dir / "metrics.jsonl"
+        self.path = status.run_dir / "metrics.jsonl"
         self._last: tuple[float, int, float] | None = None  # (time, step, eval_s) at the last log
 
     def on_train_begin(self, args, state, control, **kw):  # type: ignore[no-untyped-def]
-        self._last = (time.monotonic(), state.global_step, self.live.eval_s)
-        if self.live.is_main:
+        self._last = (time.monotonic(), state.global_step, self.status.eval_s)
+        if self.status.is_main:
             self.display.start(state.global_step)
 
     def on_log(self, args, state, control, logs=None, **kw):  # type: ignore[no-untyped-def]
-        live, logs = self.live, dict(logs or {})
-        row: dict[str, Any] = {"step": state.global_step, "tokens": state.global_step * live.tokens_per_step,
-                               "wall_time_s": round(live.wall(), 3)}
+        status, logs = self.status, dict(logs or {})
+        row: dict[str, Any] = {"step": state.global_step, "tokens": state.global_step * status.tokens_per_step,
+                               "wall_time_s": round(status.wall(), 3)}
         if "loss" in logs:
             now = time.monotonic()
             t0, step0, eval0 = self._last or (now, 0, 0.0)
-            dt = max(1e-9, now - t0 - (live.eval_s - eval0))  # training time only
-            tok_s = (state.global_step - step0) * live.tokens_per_step / dt
-            self._last = (now, state.global_step, live.eval_s)
+            dt = max(1e-9, now - t0 - (status.eval_s - eval0))  # training time only
+            tok_s = (state.global_step - step0) * status.tokens_per_step / dt
+            self._last = (now, state.global_step, status.eval_s)
             row.update(loss=logs["loss"], lr=logs.get("learning_rate"), grad_norm=logs.get("grad_norm"),
-                       tok_per_s=round(tok_s, 1), mfu=round(mfu(live, tok_s), 4))
+                       tok_per_s=round(tok_s, 1), mfu=round(mfu(status, tok_s), 4))
         elif "eval_loss" in logs:
             row.update({k: v for k, v in logs.items() if k.startswith("eval_")})
         else:
             row.update({k: v for k, v in logs.items() if isinstance(v, (int, float))})
-        if live.is_main:
+        if status.is_main:
             with self.path.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
             self.display.update(row, state)
 
     def on_train_end(self, args, state, control, **kw):  # type: ignore[no-untyped-def]
-        if self.live.is_main:
+        if self.status.is_main:
             self.display.stop()
 
 
-def mfu(live: Live, tok_s: float) -> float:
+def mfu(status: RunStatus, tok_s: float) -> float:
     """Model FLOPs utilisation: 6 x parameters x tokens/s over the measured matmul peak."""
-    if live.peak_flops <= 0:
+    if status.peak_flops <= 0:
         return 0.0
-    return 6 * live.parameters * tok_s / (live.peak_flops * live.world_size)
+    return 6 * status.parameters * tok_s / (status.peak_flops * status.world_size)
 
 
 class StopControl(TrainerCallback):
@@ -143,8 +143,8 @@ class StopControl(TrainerCallback):
 
     REFIT_UNTIL = 0.6
 
-    def __init__(self, live: Live) -> None:
-        self.live = live
+    def __init__(self, status: RunStatus) -> None:
+        self.status = status
         self._sigint = False
         self._previous: Any = None
         self._fit_from: tuple[float, int] | None = None
@@ -155,7 +155,7 @@ class StopControl(TrainerCallback):
             signal.signal(signal.SIGINT, self._previous or signal.default_int_handler)
             raise KeyboardInterrupt
         self._sigint = True
-        if self.live.is_main:
+        if self.status.is_main:
             console.warn("interrupted: saving a checkpoint at the end of this step (Ctrl-C again to quit now)")
 
     def install(self) -> None:
@@ -168,42 +168,42 @@ class StopControl(TrainerCallback):
             self._previous = None
 
     def on_train_begin(self, args, state, control, **kw):  # type: ignore[no-untyped-def]
-        self.live.started = time.monotonic()  # the budget counts training, not start-up
+        self.status.started = time.monotonic()  # the budget counts training, not start-up
 
     # -- per step
     def on_step_end(self, args, state, control, **kw):  # type: ignore[no-untyped-def]
-        live = self.live
-        live.schedule.elapsed_s = live.wall()
-        if live.budget_s and live.is_main:
+        status = self.status
+        status.schedule.elapsed_s = status.wall()
+        if status.budget_s and status.is_main:
             self._fit(state.global_step)
-        end = live.is_main and state.global_step >= live.schedule.total  # rank 0 owns the schedule's length
-        over = bool(live.budget_s) and (end or live.wall() >= live.budget_s)
+        end = status.is_main and state.global_step >= status.schedule.total  # rank 0 owns the schedule's length
+        over = bool(status.budget_s) and (end or status.wall() >= status.budget_s)
         # every rank must take the same decisions: any rank's flag counts, rank 0's schedule length wins
         bad, diverged, done, sigint, total = _max_over_ranks(
-            [live.nonfinite_steps > 0, live.nonfinite_steps >= NONFINITE_PATIENCE, over, self._sigint,
-             live.schedule.total if live.is_main else 0], live.world_size)
-        live.schedule.total = total
+            [status.nonfinite_steps > 0, status.nonfinite_steps >= NONFINITE_PATIENCE, over, self._sigint,
+             status.schedule.total if status.is_main else 0], status.world_size)
+        status.schedule.total = total
         if bad:
             control.should_save = False  # never checkpoint weights that may be poisoned
         if diverged:
-            live.stopped_because = "diverged"
+            status.stopped_because = "diverged"
             control.should_training_stop = True
             return control
         if done:
-            live.stopped_because = "time" if state.global_step < total else "minutes_schedule_end"
+            status.stopped_because = "time" if state.global_step < total else "minutes_schedule_end"
             control.should_training_stop = True
         if sigint:
-            live.interrupted = True
-            live.stopped_because = "interrupted"
+            status.interrupted = True
+            status.stopped_because = "interrupted"
             control.should_save = True
             control.should_training_stop = True
         return control
 
     def _fit(self, step: int) -> None:
         """Refit the schedule's total steps to the budget from the measured step rate."""
-        live = self.live
-        wall = live.wall()
-        if wall > self.REFIT_UNTIL * live.budget_s:
+        status = self.status
+        wall = status.wall()
+        if wall > self.REFIT_UNTIL * status.budget_s:
             return
         if self._fit_from is None:  # start measuring after the first steps (startup is slow)
             if step >= 3:
@@ -213,8 +213,8 @@ class StopControl(TrainerCallback):
         if step - s0 < 5 or wall - w0 < 2.0:
             return
         rate = (step - s0) / (wall - w0)  # steps/s, evaluations included
-        total = step + int((live.budget_s - wall) * rate)
-        live.schedule.total = max(step + 1, total)
+        total = step + int((status.budget_s - wall) * rate)
+        status.schedule.total = max(step + 1, total)
 
     def on_train_end(self, args, state, control, **kw):  # type: ignore[no-untyped-def]
         self.restore()
@@ -227,30 +227,26 @@ class CheckpointMarker(TrainerCallback):
     save never leaves something `--resume` would load.
     """
 
-    def __init__(self, live: Live) -> None:
-        self.live = live
+    def __init__(self, status: RunStatus) -> None:
+        self.status = status
 
     def on_save(self, args, state, control, **kw):  # type: ignore[no-untyped-def]
-        if self.live.world_size > 1:
-            import torch.distributed as dist
-
+        if self.status.world_size > 1:
             dist.barrier()  # every rank has written its RNG state
-        if self.live.is_main:
+        if self.status.is_main:
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if ckpt.is_dir():
                 tmp = ckpt / (COMPLETE + ".tmp")
-                tmp.write_text(json.dumps({"step": state.global_step, "wall_time_s": self.live.wall()}))
+                tmp.write_text(json.dumps({"step": state.global_step, "wall_time_s": self.status.wall()}))
                 tmp.replace(ckpt / COMPLETE)
 
 
 class WandbInfo(TrainerCallback):
-    """Prints where the W&B run lives on disk (and how to sync an offline run)."""
+    """Prints where the W&B run statuss on disk (and how to sync an offline run)."""
 
     def on_train_begin(self, args, state, control, **kw):  # type: ignore[no-untyped-def]
-        try:
-            import wandb
-        except ImportError:  # pragma: no cover - report_to would have failed first
-            return
+        import wandb  # a ~1 s import, paid only when W&B is on (report_to checked it is installed)
+
         run = wandb.run
         if run is not None and state.is_world_process_zero:
             folder = Path(run.dir).parent
@@ -259,22 +255,10 @@ class WandbInfo(TrainerCallback):
             console.info(f"W&B {'offline ' if offline else ''}run folder: {folder}{hint}")
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint of a run dir, or None."""
-    root = run_dir / "checkpoints"
-    if not root.is_dir():
-        return None
-    found = [p for p in root.glob("checkpoint-*") if (p / COMPLETE).is_file() and p.name[11:].isdigit()]
-    return max(found, key=lambda p: int(p.name[11:]), default=None)
-
-
-def early_stopping(patience: int) -> TrainerCallback:
+class EarlyStopping(EarlyStoppingCallback):
     """transformers' EarlyStoppingCallback, without its warning about load_best_model_at_end:
-    we keep the best model ourselves (checkpoints/best, written at each new best eval)."""
-    from transformers import EarlyStoppingCallback
+    we keep the best model ourselves (checkpoints/best, written at each new best eval). Its
+    constructor stays the parent's: the Trainer rebuilds it from its arguments on resume."""
 
-    class EarlyStopping(EarlyStoppingCallback):
-        def on_train_begin(self, args, state, control, **kw):  # type: ignore[no-untyped-def]
-            return None
-
-    return EarlyStopping(early_stopping_patience=patience)
+    def on_train_begin(self, args, state, control, **kw):  # type: ignore[no-untyped-def]
+        return None

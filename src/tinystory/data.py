@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tinystory.errors import DataError
+from tinystory.tokenizer import load_tokenizer
 
 if TYPE_CHECKING:
     import numpy as np
@@ -39,9 +40,7 @@ class PreparedData:
 
     @cached_property
     def tokenizer(self) -> PreTrainedTokenizerBase:
-        from tinystory import tokenizer as tok
-
-        return tok.load(self.path)
+        return load_tokenizer(self.path)
 
     @property
     def tokenizer_name(self) -> str:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import torch.distributed as dist
+
 
 def world() -> tuple[int, int, int]:
     """(rank, local_rank, world_size) from the torchrun / accelerate environment."""
@@ -17,7 +19,6 @@ def world() -> tuple[int, int, int]:
 
 def init(device: str) -> None:
     """Start the process group early (gloo on CPU), so ranks can agree on names and paths."""
-    import torch.distributed as dist
 
     if world()[2] > 1 and not dist.is_initialized():
         from accelerate import PartialState
@@ -29,7 +30,6 @@ def shared(value: Any) -> Any:
     """Rank 0's `value` on every rank (identity when not distributed)."""
     if world()[2] <= 1:
         return value
-    import torch.distributed as dist
 
     box = [value]
     dist.broadcast_object_list(box, src=0)

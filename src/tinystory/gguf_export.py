@@ -24,7 +24,12 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import gguf
+import numpy as np
+from sentencepiece import SentencePieceProcessor
+
 from tinystory.errors import QuantizationError
+from tinystory.tokenizer import is_byte_level, load_mistral, mistral_model_file
 
 if TYPE_CHECKING:
     import numpy as np
@@ -49,7 +54,6 @@ LAYER_NAMES = {
 
 def gguf_tensors(model: MistralForCausalLM) -> dict[str, np.ndarray]:
     """llama.cpp name -> fp32 array (PyTorch (out, in) order), with gemma's two folds."""
-    import numpy as np
 
     cfg = model.config
     if not cfg.tie_word_embeddings:
@@ -69,8 +73,6 @@ def gguf_tensors(model: MistralForCausalLM) -> dict[str, np.ndarray]:
 
 def _encode(name: str, array: np.ndarray, qtype: str) -> tuple[np.ndarray, Any]:
     """The bytes llama.cpp expects for one tensor; norms (1-D) always stay f32, like convert_hf_to_gguf."""
-    import gguf
-    import numpy as np
 
     T = gguf.GGMLQuantizationType
     if array.ndim == 1 or qtype == "f32":
@@ -82,10 +84,6 @@ def _encode(name: str, array: np.ndarray, qtype: str) -> tuple[np.ndarray, Any]:
 
 def _add_spm_vocab(w: Any, vocab_size: int) -> None:
     """The Mistral sentencepiece vocab as llama.cpp's `llama` (SPM) tokenizer model."""
-    import gguf
-    from sentencepiece import SentencePieceProcessor
-
-    from tinystory.tokenizer import mistral_model_file
 
     sp = SentencePieceProcessor(model_file=str(mistral_model_file()))
     T = gguf.TokenType
@@ -110,7 +108,6 @@ def _add_spm_vocab(w: Any, vocab_size: int) -> None:
 
 def _add_bpe_vocab(w: Any, tok: PreTrainedTokenizerBase, vocab_size: int) -> None:
     """A byte-level BPE as llama.cpp's `gpt2` model with the `gpt-2` pre-tokenizer and its merges."""
-    import gguf
 
     core = json.loads(tok.backend_tokenizer.to_str())
     by_id = {i: piece for piece, i in tok.get_vocab().items()}
@@ -127,7 +124,6 @@ def _add_bpe_vocab(w: Any, tok: PreTrainedTokenizerBase, vocab_size: int) -> Non
 
 
 def _add_tokenizer(w: Any, tok: PreTrainedTokenizerBase, vocab_size: int) -> None:
-    from tinystory.tokenizer import is_byte_level, load_mistral
 
     if is_byte_level(tok):
         _add_bpe_vocab(w, tok, vocab_size)
@@ -145,7 +141,6 @@ def _add_tokenizer(w: Any, tok: PreTrainedTokenizerBase, vocab_size: int) -> Non
 
 
 def _add_hparams(w: Any, cfg: Any, name: str, qtype: str) -> None:
-    import gguf
 
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     rope = getattr(cfg, "rope_parameters", None) or {}
@@ -175,7 +170,6 @@ def write_gguf(model: MistralForCausalLM, tok: PreTrainedTokenizerBase, path: st
 
     `extra` adds string metadata (e.g. `tinystory.source_run`); llama.cpp ignores unknown keys.
     """
-    import gguf
 
     if qtype not in QTYPES:
         raise QuantizationError(f"unknown GGUF type {qtype!r}", f"use one of: {', '.join(QTYPES)}")

@@ -27,7 +27,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from huggingface_hub import HfApi, get_token
+from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+from huggingface_hub.utils import HFValidationError, _http, set_client_factory, validate_repo_id
+
+from tinystory import __version__
+from tinystory.console import info
 from tinystory.errors import HubError, OfflineError, RunError
+from tinystory.modelcard import current_eval, model_card
+from tinystory.net import endpoint, hub_offline, reachable
+from tinystory.runs import Run
 
 if TYPE_CHECKING:
     from tinystory.settings import PushSettings
@@ -70,7 +79,6 @@ class HubUnreachable(OSError):
 
 def check_repo_id(repo_id: str) -> str:
     """`repo_id` if it is a valid `namespace/name` model repo id, else HubError."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:
         validate_repo_id(repo_id)
@@ -83,27 +91,10 @@ def check_repo_id(repo_id: str) -> str:
     return repo_id
 
 
-def trained_run(ref: str | Path | None) -> Path:
-    """The local run dir `ref` (or the latest run), which must hold a trained model."""
-    from tinystory.runs import has_model, latest_run
-
-    if ref is None or str(ref) in ("", "latest"):
-        return latest_run()
-    path = Path(ref).expanduser()
-    if not path.is_dir():
-        raise RunError(f"run dir {path} does not exist", "pass the folder `tinystory train` wrote")
-    if not has_model(path):
-        missing = "config.json" if not (path / "config.json").is_file() else "model.safetensors"
-        raise RunError(f"{path} holds no trained model ({missing} is missing)",
-                       "train first with `tinystory train`, then push its run dir")
-    return path.resolve()
-
-
 def find_token(token: str | None) -> str:
     """The token from `--token`, else HF_TOKEN, else the saved login; HubError if none."""
     if token and token.strip():
         return token.strip()
-    from huggingface_hub import get_token
 
     found = get_token()
     if not found:
@@ -120,7 +111,6 @@ def _skipped(relpath: Path) -> bool:
 
 def upload_sources(run: Path, include_quantized: bool) -> list[tuple[Path, str]]:
     """(local file, path in repo) for every file of `run` that is uploaded, sorted."""
-    from tinystory.modelcard import current_eval
 
     names = [*MODEL_FILES, *TOKENIZER_FILES, *RUN_FILES]
     if (run / "eval.json").is_file() and current_eval(run) is None:
@@ -150,8 +140,6 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 def stage(run: Path, repo_id: str, include_quantized: bool = False) -> Path:
     """Write `RUN/hub-upload/`, exactly what will be uploaded (replaced atomically)."""
-    from tinystory.console import info
-    from tinystory.modelcard import model_card
 
     sources = upload_sources(run, include_quantized)
     final = run / STAGING
@@ -192,7 +180,6 @@ def format_size(n: int) -> str:
 
 def _http_module() -> Any:
     """The httpx flavour huggingface_hub uses (httpx2 in 2.x, httpx in 1.x)."""
-    from huggingface_hub.utils import _http
 
     return getattr(_http, "httpx2", None) or getattr(_http, "httpx")
 
@@ -200,7 +187,6 @@ def _http_module() -> Any:
 @contextmanager
 def fail_fast_http() -> Iterator[None]:
     """huggingface_hub's requests get timeouts, and network errors are not retried."""
-    from huggingface_hub.utils import _http, set_client_factory
 
     httpx = _http_module()
     hooks = [h for h in [getattr(_http, "hf_request_event_hook", None)] if h]
@@ -228,9 +214,6 @@ def fail_fast_http() -> Iterator[None]:
 @contextmanager
 def hub_errors(repo_id: str, revision: str) -> Iterator[None]:
     """Map huggingface_hub / network failures to one-line HubError / OfflineError."""
-    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
-
-    from tinystory.net import endpoint
 
     try:
         yield
@@ -268,12 +251,6 @@ def _http_error(e: Any, repo_id: str, revision: str) -> HubError:
 
 def _upload(folder: Path, repo_id: str, settings: PushSettings, token: str, message: str) -> tuple[str, str]:
     """create_repo (exist_ok) + the branch if needed + one upload_folder commit."""
-    from huggingface_hub import HfApi
-
-    from tinystory.console import info
-    from tinystory.net import endpoint
-
-    from tinystory import __version__
 
     api = HfApi(endpoint=endpoint(), library_name="tinystory-llm", library_version=__version__)
     info(f"creating {repo_id} on {endpoint()} if it does not exist ...")
@@ -289,11 +266,9 @@ def _upload(folder: Path, repo_id: str, settings: PushSettings, token: str, mess
 def push(run_ref: str | Path | None, repo_id: str, settings: PushSettings, token: str | None = None,
          dry_run: bool = False) -> PushResult:
     """Publish a run dir to `repo_id` (one commit), or with `dry_run` only write the upload folder."""
-    from tinystory import __version__
-    from tinystory.net import endpoint, hub_offline, reachable
 
     check_repo_id(repo_id)
-    run = trained_run(run_ref)
+    run = Run.trained(run_ref).path
     if dry_run:
         folder = stage(run, repo_id, settings.include_quantized)
         return PushResult(folder, file_list(folder), repo_id, settings.revision, dry_run=True)

@@ -38,8 +38,11 @@ compared with `train.memory_budget_gb` (GiB) or the device's memory.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
+
+from rich.table import Table
 
 from tinystory.model import count_parameters
 
@@ -358,7 +361,6 @@ def _budget(settings: Settings, device: str, budget_bytes: int | None) -> tuple[
             return None, "unknown: no CUDA device here (set train.memory_budget_gb)"
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         return int(props.total_memory), f"{props.name}"
-    import os
 
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's RAM"
 
@@ -457,7 +459,6 @@ def summary(p: MemoryPlan) -> str:
 
 def render(p: MemoryPlan) -> Table:
     """A rich table: each part at the peak and at full size, the overhead, the verdict."""
-    from rich.table import Table
 
     at = p.phases[p.peak_phase]
     half = "bf16" if p.precision == "bf16" else "fp16"

@@ -17,6 +17,9 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
+import sacrebleu
+from sacrebleu.metrics import BLEU
+
 WORD = re.compile(r"\w+(?:'\w+)*")
 
 
@@ -121,7 +124,6 @@ def self_bleu(texts: Sequence[str]) -> float:
     once and each n-gram keeps its two largest counts, so it runs in O(n), not O(n^2).
     Only sacrebleu's public API: its 13a tokenizer and `BLEU.compute_bleu`.
     """
-    from sacrebleu.metrics import BLEU
 
     if len(texts) < 2:
         return 0.0
@@ -159,7 +161,6 @@ def self_bleu(texts: Sequence[str]) -> float:
 def corpus_bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
     """sacrebleu corpus BLEU-4 (0-100, default 13a tokenizer, one reference per
     hypothesis). 0.0 when there is no hypothesis."""
-    import sacrebleu
 
     if len(hypotheses) != len(references):
         raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")

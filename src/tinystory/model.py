@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import torch
+from transformers import MistralConfig, MistralForCausalLM
+
 from tinystory.errors import SettingsError
 
 if TYPE_CHECKING:
@@ -58,7 +61,6 @@ def build_config(
     name: str, vocab_size: int, bos_token_id: int = 1, eos_token_id: int = 2, pad_token_id: int | None = None
 ) -> MistralConfig:
     """A `MistralConfig` for preset `name` with the tokenizer's vocab and special ids."""
-    from transformers import MistralConfig
 
     shape = preset(name)
     return MistralConfig(
@@ -74,8 +76,6 @@ def build_config(
 
 def build_model(config: MistralConfig, device: str | None = None) -> MistralForCausalLM:
     """A freshly initialised model (`device="meta"` builds it without memory)."""
-    import torch
-    from transformers import MistralForCausalLM
 
     if device == "meta":
         with torch.device("meta"):

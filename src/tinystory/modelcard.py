@@ -8,11 +8,20 @@ from eval.json or generated here with plain `transformers` `generate` and a fixe
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
 from typing import Any
+
+import torch
+from huggingface_hub import EvalResult, ModelCardData
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, set_seed
+
+from tinystory.console import warn
+from tinystory.loading import quiet_load
+from tinystory.model import count_parameters, describe
+from tinystory.runs import HUB_ID, Run
+from tinystory.settings import GenerateSettings
 
 HOMEPAGE = "https://github.com/tinystory-llm/tinystory-llm"
 DATASET = "roneneldan/TinyStories"
@@ -65,13 +74,6 @@ LIMITATIONS = """- It knows only the world of TinyStories: short, simple stories
 # -------------------------------------------------------------------- reading
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    data = json.loads(path.read_text(encoding="utf-8"))
-    return data if isinstance(data, dict) else None
-
-
 def _number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -95,7 +97,6 @@ def eval_metrics(eval_data: dict[str, Any] | None) -> dict[str, float]:
 
 def dataset_id(settings: Any) -> str:
     """The Hub dataset the run was trained on (TinyStories unless another hub id was used)."""
-    from tinystory.runs import HUB_ID
 
     name = getattr(getattr(settings, "data", None), "dataset", "") or DATASET
     local = name == "sample" or name.startswith((".", "/", "~")) or Path(name).exists()
@@ -107,7 +108,6 @@ def dataset_id(settings: Any) -> str:
 
 def front_matter(repo_id: str, eval_data: dict[str, Any] | None, dataset: str, quantized: list[str]) -> str:
     """The YAML metadata block (without the --- fences), built with huggingface_hub."""
-    from huggingface_hub import EvalResult, ModelCardData
 
     name = repo_id.split("/")[-1]
     results = [
@@ -156,7 +156,6 @@ def _table(rows: list[tuple[str, Any]], head: tuple[str, str] = ("", "")) -> str
 
 def model_section(config: Any, preset: str | None) -> str:
     """Architecture table from `tinystory.model.describe(config)`."""
-    from tinystory.model import describe
 
     d = describe(config)
     window = f"sliding window {d['sliding_window']}, " if d["sliding_window"] else ""
@@ -224,11 +223,9 @@ def training_section(run_info: dict[str, Any], settings: Any) -> str:
 
 def current_eval(run: Path, quiet: bool = False) -> dict[str, Any] | None:
     """eval.json if it belongs to the run's present weights (its `weights_sha256` matches), else None."""
-    from tinystory.console import warn
-    from tinystory.evaluation import weights_sha256
-
-    data = _read_json(run / "eval.json")
-    if data and data.get("weights_sha256") and data["weights_sha256"] != weights_sha256(run):
+    the_run = Run(run)
+    data = the_run.eval_results
+    if data and data.get("weights_sha256") and data["weights_sha256"] != the_run.weights_sha256():
         if not quiet:
             warn("eval.json was made for other weights (the model changed after `tinystory eval`): it is left out; "
                  "run `tinystory eval` again to publish numbers")
@@ -328,7 +325,6 @@ tinystory generate --run {repo_id} "{PROMPTS[0]}"
 
 def card_sampling(settings: Any) -> dict[str, Any]:
     """The sampling settings of the card's stories: the run's `generate` section, a fixed seed."""
-    from tinystory.settings import GenerateSettings
 
     g = getattr(settings, "generate", None) or GenerateSettings()
     out: dict[str, Any] = {"temperature": g.temperature, "top_p": g.top_p}
@@ -341,12 +337,8 @@ def card_sampling(settings: Any) -> dict[str, Any]:
 
 def generate_samples(run: Path, sampling: dict[str, Any], prompts: tuple[str, ...] = PROMPTS) -> list[dict[str, str]]:
     """One story per prompt with plain transformers `generate` (seeded per prompt, one CPU thread)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
     tok = AutoTokenizer.from_pretrained(run)
-    from tinystory.generation_hf import quiet_load
-
     model = quiet_load(lambda: AutoModelForCausalLM.from_pretrained(run, dtype=torch.float32)).eval()
     args = {k: v for k, v in sampling.items() if k != "seed"}
     threads = torch.get_num_threads()
@@ -386,14 +378,10 @@ def _samples(run: Path, eval_data: dict[str, Any] | None, settings: Any) -> tupl
 
 def model_card(run: Path, repo_id: str, quantized_files: list[str] | None = None) -> str:
     """The full README.md text for `run` published as `repo_id`."""
-    from transformers import AutoConfig
-
-    from tinystory.model import count_parameters
-    from tinystory.runs import run_settings
 
     config = AutoConfig.from_pretrained(run)
-    settings = run_settings(run)
-    run_info = _read_json(run / "run.json") or {}
+    settings = Run(run).settings
+    run_info = Run(run).info
     eval_data = current_eval(run, quiet=True)  # upload_sources has warned
     quantized = list(quantized_files or [])
     data = run_info.get("data") or {}

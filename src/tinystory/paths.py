@@ -1,4 +1,5 @@
-"""Where tinystory keeps things, from platformdirs, each overridable by environment.
+"""Where tinystory keeps things (from platformdirs, each overridable by environment), and
+how it writes a file whole or not at all (`atomic_path`, `write_atomic`).
 
 - config: `TINYSTORY_CONFIG` (a file) else `<user config dir>/config.toml`
 - cache (prepared data): `TINYSTORY_CACHE_DIR` else the user cache dir
@@ -7,7 +8,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 APP = "tinystory"
@@ -46,3 +50,30 @@ def runs_dir() -> Path:
 def prepared_dir() -> Path:
     """Where `prepare` puts datasets named by fingerprint."""
     return cache_dir() / "prepared"
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temp file beside `path` for the caller to write by name; renamed over `path` when
+    the block ends well, removed when it fails (a full disk, Ctrl-C): `path` then holds the
+    old content or the new, never part of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would make the result private
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write `data` (text as UTF-8) to `path` whole or not at all (`atomic_path`), flushed
+    to the disk before the rename."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())

@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import torch
+
 from tinystory.errors import TrainingError
 
 if TYPE_CHECKING:
@@ -34,14 +36,12 @@ class Precision:
 
     @property
     def dtype(self) -> torch.dtype:
-        import torch
 
         return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.name]
 
 
 def device_type() -> str:
     """`cuda` when a CUDA GPU is visible, else `cpu`."""
-    import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -52,7 +52,6 @@ def resolve(asked: str, device: str, model: torch.nn.Module | None = None, batch
 
     On CPU, `auto` runs `probe` on `model` with a (B, T) batch of random tokens.
     """
-    import torch
 
     if device == "cuda":
         bf16_ok = torch.cuda.is_bf16_supported()
@@ -84,7 +83,6 @@ def probe(model: torch.nn.Module, batch_shape: tuple[int, int], steps: int = 2,
     One warm-up step each, then the precisions alternate so none gets the quieter
     moment. Gradients are zeroed afterwards; the weights are not changed.
     """
-    import torch
 
     B, T = batch_shape
     vocab = model.config.vocab_size
@@ -121,7 +119,6 @@ def matmul_peak(dtype: torch.dtype, device: str = "cpu", n: int = 1024, seconds:
     Stops after `seconds`, or after the warm-up alone when that took longer: a CPU without
     native bf16 (an AMD EPYC family 23 here) needs ~2.6 s for one 1024^3 bf16 matmul, so a
     fixed number of repetitions would hold up the start of training for minutes."""
-    import torch
 
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)

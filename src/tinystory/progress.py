@@ -1,11 +1,31 @@
-"""Training progress on stderr: one rich live line on a terminal, plain log lines otherwise."""
+"""Progress on stderr: training's live line (`Display`: one rich line on a terminal, plain
+log lines otherwise) and the transient bar of a long loop (`bar`)."""
 
 from __future__ import annotations
 
+import contextlib
 import time
-from typing import Any, Callable
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from rich.live import Live
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.text import Text
 
 from tinystory import console
+
+
+@contextlib.contextmanager
+def bar(total: int, what: str) -> Iterator[Callable[[int], None]]:
+    """A transient progress bar on stderr, advanced by the function it yields (nothing when
+    stderr is not a terminal or `what` is empty, e.g. inside training's own live display)."""
+    if not what or not console.interactive():
+        yield lambda n: None
+        return
+    cols = (TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*cols, console=console.console(), transient=True) as progress:
+        task = progress.add_task(what, total=total)
+        yield lambda n: progress.advance(task, n)
 
 
 def _clock(seconds: float) -> str:
@@ -36,8 +56,6 @@ class Display:
     def start(self, step: int) -> None:
         self._t0, self._step0 = time.monotonic(), step
         if self.interactive:
-            from rich.live import Live
-
             self._step = step
             self._live = Live(self, console=console.console(), refresh_per_second=2, transient=False)
             self._live.start()
@@ -69,8 +87,6 @@ class Display:
 
     def __rich__(self) -> Any:
         """Re-rendered at every refresh, so the ETA keeps moving between log steps."""
-        from rich.text import Text
-
         return Text(self._line(self._step))
 
     def update(self, row: dict[str, Any], state: Any) -> None:

@@ -18,6 +18,7 @@ extra); nothing else in tinystory needs them.
 
 import asyncio
 import errno
+import importlib.util
 import ipaddress
 import json
 import math
@@ -31,15 +32,18 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from tinystory.console import console, warn
 from tinystory.errors import TinystoryError
+from tinystory.sampling import SamplingParams
 
 if TYPE_CHECKING:
     from fastapi import FastAPI, Request
 
-    from tinystory.generation import GenerationStats, Generator, SamplingParams
+    from tinystory.generation import Generator
+    from tinystory.sampling import GenerationStats, SamplingParams
 
 MAX_WAITING = 32  # queued requests beyond this get 429: a story takes seconds on a CPU
 MAX_BODY_BYTES = 1 << 20
@@ -49,7 +53,6 @@ EXTRA_HINT = "pip install 'tinystory-llm[serve]'"
 
 def require_extra() -> None:
     """Fail in one line, before loading a model, when FastAPI or uvicorn is missing."""
-    import importlib.util
 
     missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
     if missing:
@@ -432,7 +435,6 @@ def model_card(generator: "Generator", defaults: "SamplingParams") -> dict[str, 
 
 def page_html(card: dict[str, Any]) -> str:
     """The web page, with the model card inlined (so it needs no second request)."""
-    from importlib import resources
 
     html = resources.files("tinystory.web").joinpath("index.html").read_text(encoding="utf-8")
     return html.replace("/*MODEL_CARD*/null", json.dumps(card).replace("</", "<\\/"))
@@ -443,8 +445,6 @@ def create_app(generator: "Generator", defaults: "SamplingParams | None" = None)
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException
-
-    from tinystory.generation import SamplingParams
 
     defaults = defaults or SamplingParams()
     worker = ModelWorker(generator)

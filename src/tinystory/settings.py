@@ -135,6 +135,11 @@ class GenerateSettings:
         ("auto", "on", "off"))
 
 
+# The sampling settings a run's generation_config.json also holds (its defaults for
+# `generate`, `serve` and plain `model.generate()`).
+SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty")
+
+
 @dataclass(frozen=True)
 class QuantizeSettings:
     method: str = setting(

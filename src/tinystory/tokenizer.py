@@ -61,7 +61,7 @@ def mistral_model_file() -> Path:
 
 def load_mistral() -> PreTrainedTokenizerBase:
     """The Mistral v1 tokenizer, as shipped in the package (see `mistral_folder`)."""
-    tok = load(mistral_folder())
+    tok = load_tokenizer(mistral_folder())
     tok.name_or_path = "mistral"
     return tok
 
@@ -240,7 +240,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, length: int | None = None) 
     return tok
 
 
-def load(path: str | Path) -> PreTrainedTokenizerBase:
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     """A tokenizer saved by `save` (a run dir or a prepared-data folder)."""
     from transformers import AutoTokenizer
 
@@ -248,11 +248,6 @@ def load(path: str | Path) -> PreTrainedTokenizerBase:
     if not (path / "tokenizer.json").is_file():
         raise TinystoryError(f"no tokenizer in {path} (tokenizer.json is missing)", "prepare or train again")
     return AutoTokenizer.from_pretrained(str(path))
-
-
-def save(tokenizer: PreTrainedTokenizerBase, path: str | Path) -> None:
-    """Save as tokenizer.json + tokenizer_config.json (loadable by AutoTokenizer)."""
-    tokenizer.save_pretrained(str(path))
 
 
 def fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -274,7 +269,6 @@ def is_byte_level(tokenizer: PreTrainedTokenizerBase) -> bool:
 
 def token_byte_lengths(tokenizer: PreTrainedTokenizerBase) -> np.ndarray:
     """UTF-8 bytes each token id stands for (specials 0): the denominator of bits per byte.
-
     Byte-level BPE pieces spell one byte per character; sentencepiece pieces spell
     text with `▁` for a space and `<0xNN>` for a raw byte.
     """
@@ -294,13 +288,3 @@ def token_byte_lengths(tokenizer: PreTrainedTokenizerBase) -> np.ndarray:
         else:
             lengths[idx] = len(piece.replace("▁", " ").encode("utf-8"))
     return lengths
-
-
-def special_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
-    """unk/bos/eos/pad ids, as recorded in meta.json and the model config."""
-    return {
-        "unk": tokenizer.unk_token_id,
-        "bos": tokenizer.bos_token_id,
-        "eos": tokenizer.eos_token_id,
-        "pad": tokenizer.pad_token_id,
-    }

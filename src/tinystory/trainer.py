@@ -7,23 +7,34 @@ import contextlib
 import functools
 import importlib.util
 import json
+import os
 import shutil
+import sys
 import time
-from pathlib import Path
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel, TrainingArguments
+from transformers.utils import logging as hf_logging
 
 from tinystory import console
+from tinystory import metrics as m
+from tinystory.callbacks import RunStatus
 from tinystory.distributed import world
 from tinystory.errors import TrainingError
+from tinystory.precision import Precision
+from tinystory.scoring import score_stream
+from tinystory.settings import Settings
 
-if TYPE_CHECKING:
-    import numpy as np
-    from transformers import PreTrainedModel
+# With WANDB_MODE=offline, transformers.trainer prints "[INFO] Running in WANDB offline mode"
+# on stdout when it is imported; stdout is for results (the run dir).
+with contextlib.redirect_stdout(sys.stderr):
+    from transformers import Trainer
 
-    from tinystory.callbacks import Live
-    from tinystory.precision import Precision
-    from tinystory.settings import Settings
 
 class SeededOrder:
     """A shuffled order of the blocks fixed by (seed, epoch): every rank and every resumed
@@ -38,100 +49,89 @@ class SeededOrder:
     def __len__(self) -> int:
         return self.n
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
-        import torch
-
+    def __iter__(self) -> Iterator[int]:
         gen = torch.Generator().manual_seed(self.seed + 1_000_003 * self.epoch)
         return iter(torch.randperm(self.n, generator=gen).tolist())
 
 
-def trainer_class():  # type: ignore[no-untyped-def]
-    """The Trainer subclass (built lazily: transformers is imported only when training)."""
-    import torch
-    from transformers import Trainer
+class StoryTrainer(Trainer):
+    """Trainer with our data order, schedule, NaN watch and bits-per-byte evaluation."""
 
-    from tinystory.evaluation import score_stream
+    def __init__(self, *args: Any, status: RunStatus, val: np.ndarray, byte_lengths: np.ndarray,
+                 check_every: int, compile_loss: str | None = None, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.status, self.val, self.byte_lengths, self.check_every = status, val, byte_lengths, check_every
+        # compile_loss (a torch.compile mode): one compiled graph from token ids to the
+        # summed loss (the Trainer's own compile must then be off): no logits leave the
+        # graph, so backward gets no zero gradient for them (docs/notes/gpu.md).
+        self._loss_sum = None
+        if compile_loss:
+            mode = None if compile_loss == "default" else compile_loss
+            self._loss_sum = torch.compile(functools.partial(summed_loss, self.model), mode=mode)
+        self._bad = torch.zeros((), dtype=torch.int64, device=self.args.device)
+        self._n = 0
 
-    class StoryTrainer(Trainer):
-        """Trainer with our data order, schedule, NaN watch and bits-per-byte evaluation."""
+    def _get_train_sampler(self, train_dataset=None):  # type: ignore[no-untyped-def]
+        return SeededOrder(len(train_dataset or self.train_dataset), self.args.seed)
 
-        def __init__(self, *args: Any, live: Live, val: np.ndarray, byte_lengths: np.ndarray,
-                     check_every: int, compile_loss: str | None = None, **kw: Any) -> None:
-            super().__init__(*args, **kw)
-            self.live, self.val, self.byte_lengths, self.check_every = live, val, byte_lengths, check_every
-            # compile_loss (a torch.compile mode): one compiled graph from token ids to the
-            # summed loss (the Trainer's own compile must then be off): no logits leave the
-            # graph, so backward gets no zero gradient for them (docs/notes/gpu.md).
-            self._loss_sum = None
-            if compile_loss:
-                mode = None if compile_loss == "default" else compile_loss
-                self._loss_sum = torch.compile(functools.partial(summed_loss, self.model), mode=mode)
-            self._bad = torch.zeros((), dtype=torch.int64, device=self.args.device)
-            self._n = 0
+    def create_scheduler(self, num_training_steps, optimizer=None):  # type: ignore[no-untyped-def]
+        if self.lr_scheduler is None:
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, self.status.schedule)
+        return self.lr_scheduler
 
-        def _get_train_sampler(self, train_dataset=None):  # type: ignore[no-untyped-def]
-            return SeededOrder(len(train_dataset or self.train_dataset), self.args.seed)
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[no-untyped-def]
+        if self._loss_sum is None or return_outputs or not model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        labels = inputs["labels"]
+        with self.accelerator.autocast():  # the Trainer's autocast wraps model.forward, not this
+            total = self._loss_sum(inputs["input_ids"], labels)
+        if num_items_in_batch is None:  # what the Trainer counts: labels[..., 1:] that are not -100
+            num_items_in_batch = (labels[..., 1:] != -100).sum()
+        return total / num_items_in_batch
 
-        def create_scheduler(self, num_training_steps, optimizer=None):  # type: ignore[no-untyped-def]
-            if self.lr_scheduler is None:
-                self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, self.live.schedule)
-            return self.lr_scheduler
+    def _get_num_items_in_batch(self, batch_samples, device):  # type: ignore[no-untyped-def]
+        if self.args.world_size > 1:
+            return super()._get_num_items_in_batch(batch_samples, device)
+        # counted on the CPU and kept a Python int: moving it to the GPU would be a blocking
+        # copy, a host-device sync in every step
+        n = super()._get_num_items_in_batch(batch_samples, torch.device("cpu"))
+        return int(n) if n is not None else None
 
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[no-untyped-def]
-            if self._loss_sum is None or return_outputs or not model.training:
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            labels = inputs["labels"]
-            with self.accelerator.autocast():  # the Trainer's autocast wraps model.forward, not this
-                total = self._loss_sum(inputs["input_ids"], labels)
-            if num_items_in_batch is None:  # what the Trainer counts: labels[..., 1:] that are not -100
-                num_items_in_batch = (labels[..., 1:] != -100).sum()
-            return total / num_items_in_batch
+    def training_step(self, model, inputs, num_items_in_batch=None):  # type: ignore[no-untyped-def]
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._bad += (~torch.isfinite(loss.detach())).long()
+        self._n += 1
+        if self._n % self.check_every == 0:  # one host sync per check, not per step on GPU
+            bad = int(self._bad)
+            self._bad.zero_()
+            status = self.status
+            if bad == self.check_every:
+                if not status.nonfinite_steps:
+                    status.first_bad_step = self.state.global_step + 1  # 1-based, as logged
+                    status.nonfinite_value = "NaN" if torch.isnan(loss).any() else "inf"
+                status.nonfinite_steps += bad
+            else:
+                status.nonfinite_steps = 0
+        return loss
 
-        def _get_num_items_in_batch(self, batch_samples, device):  # type: ignore[no-untyped-def]
-            if self.args.world_size > 1:
-                return super()._get_num_items_in_batch(batch_samples, device)
-            # counted on the CPU and kept a Python int: moving it to the GPU would be a blocking
-            # copy, a host-device sync in every step
-            n = super()._get_num_items_in_batch(batch_samples, torch.device("cpu"))
-            return int(n) if n is not None else None
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):  # type: ignore[no-untyped-def]
+        t0 = time.monotonic()
+        sums = score_stream(self.model, self.val, self.status.block_size, self.args.per_device_eval_batch_size,
+                            self.byte_lengths, self.args.device, what=None)  # inside the live display
 
-        def training_step(self, model, inputs, num_items_in_batch=None):  # type: ignore[no-untyped-def]
-            loss = super().training_step(model, inputs, num_items_in_batch)
-            self._bad += (~torch.isfinite(loss.detach())).long()
-            self._n += 1
-            if self._n % self.check_every == 0:  # one host sync per check, not per step on GPU
-                bad = int(self._bad)
-                self._bad.zero_()
-                live = self.live
-                if bad == self.check_every:
-                    if not live.nonfinite_steps:
-                        live.first_bad_step = self.state.global_step + 1  # 1-based, as logged
-                        live.nonfinite_value = "NaN" if torch.isnan(loss).any() else "inf"
-                    live.nonfinite_steps += bad
-                else:
-                    live.nonfinite_steps = 0
-            return loss
+        loss = sums["nats"] / sums["tokens"]
+        out = {"eval_loss": loss, "eval_ppl": m.perplexity(min(loss, 50.0)),
+               "eval_bpb": m.bits_per_byte(sums["text_nats"], sums["bytes"])}
+        self.status.eval_s += time.monotonic() - t0
+        self.status.last_eval = dict(out, step=self.state.global_step)
+        if out["eval_loss"] < self.status.best.get("eval_loss", float("inf")):
+            self.status.best = dict(out, step=self.state.global_step)
+            if self.status.is_main:
+                save_best(self.model, self.status)
+        self.log(dict(out))
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, out)
+        return out
 
-        def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):  # type: ignore[no-untyped-def]
-            t0 = time.monotonic()
-            sums = score_stream(self.model, self.val, self.live.block_size, self.args.per_device_eval_batch_size,
-                                self.byte_lengths, self.args.device, what=None)  # inside the live display
-            from tinystory import metrics as m
-
-            loss = sums["nats"] / sums["tokens"]
-            out = {"eval_loss": loss, "eval_ppl": m.perplexity(min(loss, 50.0)),
-                   "eval_bpb": m.bits_per_byte(sums["text_nats"], sums["bytes"])}
-            self.live.eval_s += time.monotonic() - t0
-            self.live.last_eval = dict(out, step=self.state.global_step)
-            if out["eval_loss"] < self.live.best.get("eval_loss", float("inf")):
-                self.live.best = dict(out, step=self.state.global_step)
-                if self.live.is_main:
-                    save_best(self.model, self.live)
-            self.log(dict(out))
-            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, out)
-            return out
-
-    return StoryTrainer
 
 
 def summed_loss(model: PreTrainedModel, input_ids: Any, labels: Any) -> Any:
@@ -139,20 +139,18 @@ def summed_loss(model: PreTrainedModel, input_ids: Any, labels: Any) -> Any:
     `ForCausalLMLoss` computes it before dividing: position t predicts labels[t + 1],
     -100 is ignored, fp32 log-softmax. Only the scalar leaves, so under torch.compile
     the logits never become a graph output."""
-    import torch.nn.functional as F
-
     hidden = model.get_decoder()(input_ids=input_ids).last_hidden_state[:, :-1]  # (B, T-1, h)
     logits = model.get_output_embeddings()(hidden)  # (B, T-1, V)
     return F.cross_entropy(logits.float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum")
 
 
-def save_best(model: PreTrainedModel, live: Live) -> None:
+def save_best(model: PreTrainedModel, status: RunStatus) -> None:
     """The best model so far into checkpoints/best (swapped in whole, never half-written)."""
-    best = live.run_dir / "checkpoints" / "best"
+    best = status.run_dir / "checkpoints" / "best"
     tmp = best.with_name(".best-tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp))
-    (tmp / "best.json").write_text(json.dumps(live.best), encoding="utf-8")
+    (tmp / "best.json").write_text(json.dumps(status.best), encoding="utf-8")
     old = best.with_name(".best-old")
     shutil.rmtree(old, ignore_errors=True)
     if best.exists():
@@ -166,8 +164,6 @@ def training_args(settings: Settings, run_dir: Path, prec: Precision, device: st
     """The TrainingArguments for `settings.train` (checkpoints go to run_dir/checkpoints).
     With `compile_loss` (a compile mode) the StoryTrainer compiles model + loss itself, so
     the Trainer does not."""
-    from transformers import TrainingArguments
-
     t = settings.train
     evaluating = t.eval_every > 0
     # On CPU, TrainingArguments warns that "the speedups for torchdynamo mostly come with GPU
@@ -222,8 +218,6 @@ def training_args(settings: Settings, run_dir: Path, prec: Precision, device: st
 @contextlib.contextmanager
 def _logger_at_error(name: str, when: bool) -> Iterator[None]:
     """transformers logger `name` at ERROR level inside the block (when `when`)."""
-    from transformers.utils import logging as hf_logging
-
     log = hf_logging.get_logger(name)
     level = log.level
     if when:
@@ -254,10 +248,6 @@ def compile_ok(asked: bool, device: str) -> bool:
 
 @functools.cache
 def _cpu_can_compile() -> bool:
-    import os
-    import shutil
-    import sys
-
     if sys.platform == "win32":
         console.warn("torch.compile does not run on Windows CPUs here: training without it")
         return False

@@ -2,7 +2,8 @@
 
 Read top to bottom, `train()` does: pick the run dir -> open (or prepare) the data ->
 build the model (or load `--init-from`) -> pick the precision -> plan the steps ->
-wire the Trainer and our callbacks -> train -> write the final model atomically.
+wire the Trainer and our callbacks (`_train`) -> train -> write the final model, run.json
+and loss.png (`_after_training`).
 
 The run dir is a plain Hugging Face model folder (config.json, model.safetensors,
 generation_config.json, tokenizer files) plus settings.toml, run.json, metrics.jsonl,
@@ -11,68 +12,104 @@ loss.png and checkpoints/ (the last K, each marked complete, plus `best/`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import shutil
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from tinystory import console, distributed
+import torch
+from matplotlib.figure import Figure
+from safetensors.torch import load_file
+from transformers import (
+    AutoModelForCausalLM,
+    GenerationConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    default_data_collator,
+)
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.utils import logging as hf_logging
+
+from tinystory import __version__, console, distributed, memory, wandb_mode
+from tinystory.callbacks import (
+    COMPLETE,
+    CheckpointMarker,
+    EarlyStopping,
+    Metrics,
+    RunStatus,
+    Schedule,
+    StopControl,
+    WandbInfo,
+)
+from tinystory.data import BlockDataset, PreparedData, open_prepared
 from tinystory.errors import DataError, TrainingError
-from tinystory.rundir import finalize, plot, read_run_json, write_atomic, write_run_json
+from tinystory.loading import device_name, pick_device, quiet_load
+from tinystory.model import build_config, build_model, count_parameters
+from tinystory.paths import atomic_path, runs_dir, write_atomic
+from tinystory.precision import Precision, fp16_needs_cuda, peak_flops, probe, resolve
+from tinystory.prepare import prepare
+from tinystory.progress import Display
+from tinystory.runs import RUN_JSON, Run, latest_checkpoint, read_json
+from tinystory.settings import Settings, to_toml
+from tinystory.tokenizer import fingerprint, load_tokenizer, parse_spec, token_byte_lengths
+from tinystory.trainer import StoryTrainer, compile_ok, training_args
 
-if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from tinystory.callbacks import Live
-    from tinystory.data import PreparedData
-    from tinystory.precision import Precision
-    from tinystory.settings import Settings
+@dataclass
+class TrainingRun:
+    """One training session: what it trains, on what, where it writes, and on what device."""
+
+    settings: Settings
+    run_dir: Path
+    data: PreparedData
+    tokenizer: PreTrainedTokenizerBase
+    model: PreTrainedModel
+    precision: Precision
+    device: str
+    world_size: int = 1
+    is_main: bool = True
+    checkpoint: Path | None = None  # the checkpoint this session resumes, if any
+    init_from: str | None = None  # --init-from: the run whose weights it started from
 
 
 # ------------------------------------------------------------------ run dir and data
 
 
 def _new_run_dir(settings: Settings) -> Path:
-    from tinystory import paths
-
     if settings.train.out:
         return Path(settings.train.out).expanduser()
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    return paths.runs_dir() / f"{stamp}-{settings.model.preset}"
+    return runs_dir() / f"{stamp}-{settings.model.preset}"
 
 
 def _resume_dir(settings: Settings) -> Path:
     """The run to resume: --out, else the newest run dir under the runs dir with a checkpoint."""
-    from tinystory import paths
-    from tinystory.callbacks import latest_checkpoint
-
     if settings.train.out:
         run = Path(settings.train.out).expanduser()
         if not run.is_dir():
             raise TrainingError(f"cannot resume: {run} does not exist", "pass --out with the run dir to resume")
         return run
-    root = paths.runs_dir()
-    runs = [p for p in root.iterdir() if p.is_dir() and latest_checkpoint(p)] if root.is_dir() else []
-    if not runs:
+    root = runs_dir()
+    found = [(ckpt, p) for p in root.iterdir() if p.is_dir() and (ckpt := latest_checkpoint(p))] if root.is_dir() else []
+    if not found:
         raise TrainingError(f"nothing to resume: no run with a checkpoint in {root}", "pass --out RUN_DIR")
-    return max(runs, key=lambda p: latest_checkpoint(p).stat().st_mtime)  # type: ignore[union-attr]
+    return max(found, key=lambda pair: pair[0].stat().st_mtime)[1]
 
 
 def _data(settings: Settings, recorded: str | None) -> PreparedData:
     """The prepared data: --data, the path a resumed run recorded, or auto-prepared."""
-    from tinystory.data import open_prepared
-
     path = settings.train.data or recorded
     if not path:
         if not settings.train.auto_prepare:
             raise DataError("no prepared data given",
                             "pass --data DIR (from `tinystory prepare`), or set train.auto_prepare = true")
-        rank = distributed.world()[0]
-        if rank == 0:
-            from tinystory.prepare import prepare
-
+        if distributed.world()[0] == 0:
             console.info(f"no --data given: preparing {settings.data.dataset!r} with tokenizer "
                          f"{settings.data.tokenizer} first (train.auto_prepare)")
             path = str(prepare(settings))
@@ -83,16 +120,13 @@ def _data(settings: Settings, recorded: str | None) -> PreparedData:
 # ---------------------------------------------------------------------------- model
 
 
-def _build_model(settings: Settings, tok: PreTrainedTokenizerBase, init_from: str | None,
+def _build_model(settings: Settings, tokenizer: PreTrainedTokenizerBase, init_from: str | None,
                  data: PreparedData) -> PreTrainedModel:
     """A fresh model for the preset, or the weights of `init_from` (tokenizer checked)."""
-    import torch
-
-    from tinystory.model import build_config, build_model
-
     if init_from:
         return _load_init(init_from, data)
-    config = build_config(settings.model.preset, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+    config = build_config(settings.model.preset, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id,
+                          tokenizer.pad_token_id)
     torch.manual_seed(settings.train.seed)  # same init on every rank and every run with this seed
     return _scale_residual_init(build_model(config))
 
@@ -102,10 +136,6 @@ def _scale_residual_init(model: PreTrainedModel) -> PreTrainedModel:
     output, MLP down) by 1/sqrt(2 x layers), as GPT-2 and llama2.c do, so the stream's
     variance does not grow with depth. Measured on the cpu profile (1.2M tokens): valid.txt
     bits per byte 1.180 vs 1.194 with transformers' plain N(0, 0.02) init."""
-    import math
-
-    import torch
-
     scale = 1 / math.sqrt(2 * model.config.num_hidden_layers)
     with torch.no_grad():
         for layer in model.model.layers:
@@ -115,23 +145,16 @@ def _scale_residual_init(model: PreTrainedModel) -> PreTrainedModel:
 
 
 def _load_init(ref: str, data: PreparedData) -> PreTrainedModel:
-    from transformers import AutoModelForCausalLM
-
-    from tinystory import tokenizer as toks
-    from tinystory.runs import resolve_run
-
-    run = resolve_run(ref)
-    theirs = toks.fingerprint(toks.load(run))
+    run = Run.open(ref)
+    theirs = fingerprint(load_tokenizer(run.path))
     if theirs != data.tokenizer_sha256:
-        name = read_run_json(run).get("data", {}).get("tokenizer", "its tokenizer")
+        name = run.info.get("data", {}).get("tokenizer", "its tokenizer")
         raise TrainingError(
             f"--init-from {ref} uses {name} ({theirs[:12]}) but the prepared data {data.path} uses "
             f"{data.tokenizer_name} ({data.tokenizer_sha256[:12]})",
             "prepare the data with the run's tokenizer (copy its tokenizer files) or train from scratch")
-    console.info(f"starting from the weights of {run}")
-    from tinystory.generation_hf import quiet_load
-
-    return quiet_load(lambda: AutoModelForCausalLM.from_pretrained(str(run)))
+    console.info(f"starting from the weights of {run.path}")
+    return quiet_load(lambda: AutoModelForCausalLM.from_pretrained(str(run.path)))
 
 
 # ------------------------------------------------------------------------ precision
@@ -139,15 +162,13 @@ def _load_init(ref: str, data: PreparedData) -> PreTrainedModel:
 
 def _precision(settings: Settings, model: PreTrainedModel, device: str, recorded: dict[str, Any]) -> Precision:
     """The training precision (recorded one on resume; else resolved, probed on CPU)."""
-    from tinystory import precision as prec
-
     t = settings.train
     if recorded.get("precision"):
-        return prec.Precision(recorded["precision"], recorded.get("precision_reason", "resumed"), {})
+        return Precision(recorded["precision"], recorded.get("precision_reason", "resumed"), {})
     if distributed.world()[0] == 0:
-        chosen = prec.resolve(t.precision, device, model, (t.batch_size, t.block_size))
+        chosen = resolve(t.precision, device, model, (t.batch_size, t.block_size))
     else:  # the other ranks take rank 0's measured choice (checks still run everywhere)
-        prec.resolve(t.precision if t.precision != "auto" else "fp32", device)
+        resolve(t.precision if t.precision != "auto" else "fp32", device)
         chosen = None
     return distributed.shared(chosen)
 
@@ -175,13 +196,11 @@ def _plan_steps(settings: Settings, n_blocks: int, world: int, step_s: float, ev
     return n, n
 
 
-def _step_time(model: PreTrainedModel, settings: Settings, prec: Precision, device: str) -> tuple[float, float]:
+def _step_time(job: TrainingRun) -> tuple[float, float]:
     """Seconds per optimizer step and per evaluation, estimated for the --minutes plan."""
-    from tinystory.precision import probe
-
-    t = settings.train
-    ms = prec.step_ms.get(prec.name) or probe(model, (t.batch_size, t.block_size), names=(prec.name,),
-                                              device=device)[prec.name]
+    t, prec = job.settings.train, job.precision
+    ms = prec.step_ms.get(prec.name) or probe(job.model, (t.batch_size, t.block_size), names=(prec.name,),
+                                              device=job.device)[prec.name]
     step_s = 1.15 * t.grad_accum * ms / 1000  # + optimizer, data and Trainer overhead
     eval_s = (t.eval_tokens / (t.batch_size * t.block_size)) * ms / 1000 / 3  # forward only
     return step_s, eval_s
@@ -189,8 +208,6 @@ def _step_time(model: PreTrainedModel, settings: Settings, prec: Precision, devi
 
 def _wandb(settings: Settings, run_dir: Path) -> list[str]:
     """`report_to` for W&B, deciding online/offline BEFORE wandb.init (so it never hangs)."""
-    from tinystory import wandb_mode
-
     mode, why = wandb_mode.decide(settings.train.wandb)
     if mode is None:
         return []
@@ -202,28 +219,24 @@ def _wandb(settings: Settings, run_dir: Path) -> list[str]:
     return ["wandb"]
 
 
+def _end_wandb() -> None:
+    """End the W&B run after the final evaluation, its closing lines ("Find logs at ...")
+    on stderr: left to wandb's exit hook, they came after the run dir on stdout."""
+    import wandb  # a ~1 s import, paid only when W&B is on
+
+    if wandb.run is not None:
+        with contextlib.redirect_stdout(sys.stderr):
+            wandb.finish()
+
+
 def _set_threads(settings: Settings) -> None:
     """torch CPU threads: the setting, else the cores shared out among local processes."""
-    import torch
-
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", distributed.world()[2]))
     n = settings.train.threads or max(1, (os.cpu_count() or 1) // max(1, local_world))
     torch.set_num_threads(n)
 
 
 # ------------------------------------------------------------------------------ train
-
-
-def _import_quietly() -> None:
-    """Import the Trainer with stdout sent to stderr: transformers prints "[INFO] Running
-    in WANDB offline mode" on stdout at import when WANDB_MODE=offline, and stdout is
-    for results (the run dir)."""
-    import contextlib
-    import sys
-
-    with contextlib.redirect_stdout(sys.stderr):
-        import transformers.integrations.integration_utils  # noqa: F401
-        import transformers.trainer  # noqa: F401
 
 
 def train(settings: Settings, *, resume: bool = False, init_from: str | None = None,
@@ -233,27 +246,22 @@ def train(settings: Settings, *, resume: bool = False, init_from: str | None = N
     `--out` (else of the newest run); `init_from` starts from a run's or hub model's weights.
     Ctrl-C saves a checkpoint and raises KeyboardInterrupt; divergence raises TrainingError.
     """
-    from tinystory import precision as prec_mod
-    from tinystory.callbacks import latest_checkpoint
-
     if dry_run:
         return _dry_run(settings)
-    _import_quietly()
-    device = prec_mod.device_type()
+    device = pick_device()
     if settings.train.precision == "fp16" and device != "cuda":
-        raise prec_mod.fp16_needs_cuda()  # before any data or model work
+        raise fp16_needs_cuda()  # before any data or model work
     distributed.init(device)
     rank, _, world = distributed.world()
-    is_main = rank == 0
     _set_threads(settings)
 
-    run_dir, ckpt, recorded = None, None, {}
+    ckpt, recorded = None, {}
     if resume:
         run_dir = _resume_dir(settings)
         ckpt = latest_checkpoint(run_dir)
         if ckpt is None:
             raise TrainingError(f"cannot resume: {run_dir} has no complete checkpoint", "train it again without --resume")
-        recorded = read_run_json(run_dir)
+        recorded = read_json(run_dir / RUN_JSON)
         settings = _resumed_settings(run_dir, settings)
     else:
         run_dir = Path(distributed.shared(str(_new_run_dir(settings))))
@@ -262,194 +270,242 @@ def train(settings: Settings, *, resume: bool = False, init_from: str | None = N
                                 f"resume it with `tinystory train --resume --out {run_dir}`, or pass another --out")
 
     data = _data(settings, recorded.get("data", {}).get("path"))
-    tok = data.tokenizer
-    model = _build_model(settings, tok, init_from if not ckpt else None, data)
-    model.to("cuda" if device == "cuda" else "cpu")
+    tokenizer = data.tokenizer
+    model = _build_model(settings, tokenizer, init_from if not ckpt else None, data)
+    model.to(device)
     if settings.train.attention != model.config._attn_implementation:
         model.set_attn_implementation(settings.train.attention)  # not saved: the run dir loads with sdpa
     prec = _precision(settings, model, device, recorded)
-    if is_main:
+    if rank == 0:
         console.info(f"precision: {prec.name} ({prec.reason})")
     if device == "cpu" and settings.train.torch_compile and not prec.step_ms:
-        _eager_warmup(model, settings, prec)
-    return _train(settings, run_dir, ckpt, data, tok, model, prec, device, is_main, world, init_from)
+        _eager_warmup(model, settings)
+    job = TrainingRun(settings, run_dir, data, tokenizer, model, prec, device, world, rank == 0, ckpt, init_from)
+    return _train(job)
 
 
-def _eager_warmup(model: PreTrainedModel, settings: Settings, prec: Precision) -> None:
+def _eager_warmup(model: PreTrainedModel, settings: Settings) -> None:
     """The precision probe's eager steps (fp32 and bf16, about 1.5 s) before a compiled CPU
     run whose precision was given, so it starts from the state the `auto` path leaves.
     Measured on a 2-core AMD EPYC, cpu profile, 200 steps, steady tok/s: 12.2k with no eager
     step first, 13.7k after one bf16 step, 15.1k after one fp32 step, 16.8k after the probe.
     The cause (allocator or thread-pool state) is not pinned down (docs/notes/train.md)."""
-    from tinystory.precision import probe
-
     t = settings.train
     probe(model, (t.batch_size, t.block_size))
 
 
-def _train(settings: Settings, run_dir: Path, ckpt: Path | None, data: PreparedData, tok: PreTrainedTokenizerBase,
-           model: PreTrainedModel, prec: Precision, device: str, is_main: bool, world: int,
-           init_from: str | None) -> Path:
+def _train(job: TrainingRun) -> Path:
     """Wire the Trainer and callbacks, train, and write the run dir (rank 0)."""
-    from transformers import default_data_collator
-    from transformers.utils import logging as hf_logging
-
-    from tinystory.callbacks import Live, Schedule
-    from tinystory.data import BlockDataset
-    from tinystory.model import count_parameters
-    from tinystory.precision import peak_flops
-    from tinystory.tokenizer import token_byte_lengths
-    from tinystory.trainer import compile_ok, trainer_class, training_args
-
     hf_logging.disable_progress_bar()  # "Writing model shards" bars at every save
+    settings, model = job.settings, job.model
     t = settings.train
     if t.block_size > model.config.max_position_embeddings:
         raise TrainingError(f"train.block_size {t.block_size} is longer than the model's "
                             f"{model.config.max_position_embeddings} positions", "lower train.block_size")
-    train_ds = BlockDataset(data.tokens("train"), t.block_size)
-    val = data.tokens("val")[: t.eval_tokens]
+    train_ds = BlockDataset(job.data.tokens("train"), t.block_size)
+    val = job.data.tokens("val")[: t.eval_tokens]
     if len(val) < t.block_size:
-        raise DataError(f"val.bin of {data.path} holds {len(val)} tokens, less than one block of {t.block_size}",
-                        "prepare with a larger validation share, or lower train.block_size")
+        raise DataError(f"val.bin of {job.data.path} holds {len(val)} tokens, less than one block of "
+                        f"{t.block_size}", "prepare with a larger validation share, or lower train.block_size")
     fit = bool(t.minutes) and not (t.max_steps or t.max_tokens)
-    step_s, eval_s = _step_time(model, settings, prec, device) if fit and not ckpt else (0.0, 0.0)
-    total, max_steps = _plan_steps(settings, len(train_ds), world, step_s, eval_s)
-    peak = peak_flops(prec.dtype, device)
-    live = Live(run_dir=run_dir, tokens_per_step=t.batch_size * t.grad_accum * world * t.block_size,
-                parameters=count_parameters(model.config), peak_flops=peak, block_size=t.block_size,
-                schedule=Schedule(t.warmup_steps, total, t.min_lr_ratio), is_main=is_main, world_size=world,
-                budget_s=t.minutes * 60)
-    if ckpt is not None:
-        _restore_live(live, ckpt)
-    if is_main:
-        _start_run_dir(settings, run_dir, ckpt)
-        write_run_json(run_dir, settings, data, prec, device, live, None, "running", init_from)
-    report_to = _wandb(settings, run_dir)
+    step_s, eval_s = _step_time(job) if fit and not job.checkpoint else (0.0, 0.0)
+    total, max_steps = _plan_steps(settings, len(train_ds), job.world_size, step_s, eval_s)
+    status = RunStatus(run_dir=job.run_dir, tokens_per_step=t.batch_size * t.grad_accum * job.world_size * t.block_size,
+                       parameters=count_parameters(model.config), peak_flops=peak_flops(job.precision.dtype, job.device),
+                       block_size=t.block_size, schedule=Schedule(t.warmup_steps, total, t.min_lr_ratio),
+                       is_main=job.is_main, world_size=job.world_size, budget_s=t.minutes * 60)
+    if job.checkpoint is not None:
+        _restore_status(status, job.checkpoint)
+    if job.is_main:
+        _start_run_dir(settings, job.run_dir, job.checkpoint)
+        write_run_json(job, status, None, "running")
+    report_to = _wandb(settings, job.run_dir)
     # compiled: model + loss as one graph (StoryTrainer.compute_loss), where one process
     # trains; under DDP the Trainer compiles the wrapped model (its hooks sync gradients)
-    compile_loss = t.compile_mode if world == 1 and compile_ok(t.torch_compile, device) else None
-    args = training_args(settings, run_dir, prec, device, max_steps, report_to, compile_loss)
-    trainer = trainer_class()(
+    compile_loss = t.compile_mode if job.world_size == 1 and compile_ok(t.torch_compile, job.device) else None
+    args = training_args(settings, job.run_dir, job.precision, job.device, max_steps, report_to, compile_loss)
+    trainer = StoryTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=BlockDataset(val, t.block_size),
-        data_collator=default_data_collator, processing_class=tok, compile_loss=compile_loss,
-        live=live, val=val, byte_lengths=token_byte_lengths(tok),
-        check_every=1 if device == "cpu" else max(1, t.log_every * t.grad_accum))
-    stop, early = _callbacks(trainer, live, settings, bool(report_to))
-    if is_main:
-        _announce(settings, live, total, fit, train_ds, run_dir, ckpt)
+        data_collator=default_data_collator, processing_class=job.tokenizer, compile_loss=compile_loss,
+        status=status, val=val, byte_lengths=token_byte_lengths(job.tokenizer),
+        check_every=1 if job.device == "cpu" else max(1, t.log_every * t.grad_accum))
+    stop, early = _callbacks(trainer, status, settings, bool(report_to))
+    if job.is_main:
+        _announce(job, status, total, fit, len(train_ds))
     stop.install()
     try:
         try:
-            trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+            trainer.train(resume_from_checkpoint=str(job.checkpoint) if job.checkpoint else None)
         finally:
             stop.restore()
-        return _after_training(trainer, live, settings, data, tok, prec, device, run_dir, init_from, early)
+        return _after_training(job, trainer, status, early)
     finally:
         if report_to:
             _end_wandb()
 
 
-def _end_wandb() -> None:
-    """End the W&B run after the final evaluation, its closing lines ("Find logs at ...")
-    on stderr: left to wandb's exit hook, they came after the run dir on stdout."""
-    import contextlib
-    import sys
-
-    import wandb
-
-    if wandb.run is not None:
-        with contextlib.redirect_stdout(sys.stderr):
-            wandb.finish()
-
-
-def _callbacks(trainer: Any, live: Live, settings: Settings, wandb: bool) -> tuple[Any, Any]:
+def _callbacks(trainer: StoryTrainer, status: RunStatus, settings: Settings,
+               wandb: bool) -> tuple[StopControl, EarlyStopping | None]:
     """Swap the Trainer's printing callbacks for ours; returns (stop control, early stopping or None)."""
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-    from tinystory.callbacks import CheckpointMarker, Metrics, StopControl, WandbInfo, early_stopping
-    from tinystory.progress import Display
-
     t = settings.train
     for cb in (PrinterCallback, ProgressCallback):  # they print dicts to stdout / tqdm bars
         trainer.remove_callback(cb)
-    stop = StopControl(live)
-    display = Display(lambda: live.schedule.total,
-                      time_left=lambda: live.budget_s - live.wall() if live.budget_s else None)
-    for cb in (Metrics(live, display), stop, CheckpointMarker(live)):
+    stop = StopControl(status)
+    display = Display(lambda: status.schedule.total,
+                      time_left=lambda: status.budget_s - status.wall() if status.budget_s else None)
+    for cb in (Metrics(status, display), stop, CheckpointMarker(status)):
         trainer.add_callback(cb)
     if wandb:
         trainer.add_callback(WandbInfo())
-    early = early_stopping(t.early_stopping_patience) if t.early_stopping_patience and t.eval_every else None
+    early = EarlyStopping(early_stopping_patience=t.early_stopping_patience) if t.early_stopping_patience and t.eval_every else None
     if early:
         trainer.add_callback(early)
     return stop, early
 
 
-def _announce(settings: Settings, live: Live, total: int, fit: bool, train_ds: Any, run_dir: Path,
-              ckpt: Path | None) -> None:
-    t = settings.train
+def _announce(job: TrainingRun, status: RunStatus, total: int, fit: bool, n_blocks: int) -> None:
+    t = job.settings.train
     plan = f"~{total} steps fitted to {t.minutes:g} min" if fit else f"{total} steps"
-    console.info(f"{'resuming ' + ckpt.name + ' of' if ckpt else 'training'} {settings.model.preset} "
-                 f"({live.parameters / 1e6:.2f}M parameters): {plan}, {live.tokens_per_step:,} tokens a step, "
-                 f"{len(train_ds):,} blocks of {t.block_size} in the training data")
-    console.info(f"run dir: {run_dir}")
+    resuming = f"resuming {job.checkpoint.name} of" if job.checkpoint else "training"
+    console.info(f"{resuming} {job.settings.model.preset} ({status.parameters / 1e6:.2f}M parameters): {plan}, "
+                 f"{status.tokens_per_step:,} tokens a step, {n_blocks:,} blocks of {t.block_size} in the "
+                 "training data")
+    console.info(f"run dir: {job.run_dir}")
 
 
-def _restore_live(live: Live, ckpt: Path) -> None:
+def _restore_status(status: RunStatus, ckpt: Path) -> None:
     """Wall time and best evaluation of the sessions before a resume."""
-    from tinystory.callbacks import COMPLETE
-
-    live.wall_offset_s = json.loads((ckpt / COMPLETE).read_text()).get("wall_time_s", 0.0)
-    best = live.run_dir / "checkpoints" / "best" / "best.json"
+    status.wall_offset_s = json.loads((ckpt / COMPLETE).read_text()).get("wall_time_s", 0.0)
+    best = status.run_dir / "checkpoints" / "best" / "best.json"
     if best.is_file():
-        live.best = json.loads(best.read_text())
+        status.best = json.loads(best.read_text())
     step = int(ckpt.name.split("-")[-1])
-    metrics = live.run_dir / "metrics.jsonl"
-    if live.is_main and metrics.is_file():  # drop rows logged after the checkpoint (they will be redone)
+    metrics = status.run_dir / "metrics.jsonl"
+    if status.is_main and metrics.is_file():  # drop rows logged after the checkpoint (they will be redone)
         rows = [r for r in metrics.read_text(encoding="utf-8").splitlines() if r and json.loads(r)["step"] <= step]
         write_atomic(metrics, "".join(r + "\n" for r in rows))
 
 
 def _start_run_dir(settings: Settings, run_dir: Path, ckpt: Path | None) -> None:
-    from tinystory.settings import to_toml
-
     run_dir.mkdir(parents=True, exist_ok=True)
     if ckpt is None:
         write_atomic(run_dir / "settings.toml", to_toml(settings))
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
 
 
-def _after_training(trainer: Any, live: Live, settings: Settings, data: PreparedData, tok: PreTrainedTokenizerBase,
-                    prec: Precision, device: str, run_dir: Path, init_from: str | None, early: Any) -> Path:
+def _after_training(job: TrainingRun, trainer: StoryTrainer, status: RunStatus, early: EarlyStopping | None) -> Path:
     """Final evaluation, the model written (rank 0), and the stop reason turned into an outcome."""
-    from tinystory.callbacks import latest_checkpoint
-
     state = trainer.state
-    if live.stopped_because == "diverged":
-        if live.is_main:
-            write_run_json(run_dir, settings, data, prec, device, live, state, "diverged", init_from)
-        good = latest_checkpoint(run_dir)
-        fix = "use --precision bf16 or fp32" if prec.name == "fp16" else "raise train.warmup_steps"
+    if status.stopped_because == "diverged":
+        if job.is_main:
+            write_run_json(job, status, state, "diverged")
+        good = latest_checkpoint(job.run_dir)
+        fix = "use --precision bf16 or fp32" if job.precision.name == "fp16" else "raise train.warmup_steps"
         raise TrainingError(
-            f"training diverged: the loss has been {live.nonfinite_value} since step {live.first_bad_step}",
-            f"lower train.lr (now {settings.train.lr:g}) or {fix}; last good checkpoint: {good or 'none'}")
+            f"training diverged: the loss has been {status.nonfinite_value} since step {status.first_bad_step}",
+            f"lower train.lr (now {job.settings.train.lr:g}) or {fix}; last good checkpoint: {good or 'none'}")
     if early is not None and early.early_stopping_patience_counter >= early.early_stopping_patience:
-        live.stopped_because = "early_stopping"
-    if not live.interrupted and live.last_eval.get("step") != state.global_step:
+        status.stopped_because = "early_stopping"
+    if not status.interrupted and status.last_eval.get("step") != state.global_step:
         trainer.evaluate()  # the final model gets a number even between eval steps
-    if live.is_main:
-        finalize(trainer.model, live, settings, tok, run_dir)
-        info = write_run_json(run_dir, settings, data, prec, device, live, state, live.stopped_because, init_from)
-        plot(run_dir)
+    if job.is_main:
+        finalize(job, trainer.model, status)
+        info = write_run_json(job, status, state, status.stopped_because)
+        plot(job.run_dir)
         console.info(f"trained {info['steps']} steps, {info['tokens_seen']:,} tokens in {info['wall_time_s']:.0f} s "
-                     f"({live.stopped_because}); best eval loss {info['best_eval_loss']:.4f}, "
+                     f"({status.stopped_because}); best eval loss {info['best_eval_loss']:.4f}, "
                      f"bpb {info['best_eval_bpb']:.4f}" if info["best_eval_loss"] is not None else "")
     distributed.barrier()
-    if live.interrupted:
-        if live.is_main:
-            console.info(f"checkpoint saved; resume with: tinystory train --resume --out {run_dir}")
+    if status.interrupted:
+        if job.is_main:
+            console.info(f"checkpoint saved; resume with: tinystory train --resume --out {job.run_dir}")
         raise KeyboardInterrupt
-    return run_dir
+    return job.run_dir
+
+
+# --------------------------------------------------------------- writing the run dir
+
+
+def write_run_json(job: TrainingRun, status: RunStatus, state: Any, stopped: str) -> dict[str, Any]:
+    """run.json: what was trained, on what, how far, and why it stopped (rank 0)."""
+    steps = state.global_step if state is not None else 0
+    data = job.data
+    info = {
+        "tinystory_version": __version__,
+        "profile": job.settings.profile,
+        "preset": job.settings.model.preset,
+        "parameters": status.parameters,
+        "data": {"path": str(data.path), "tokenizer": data.tokenizer_name, "tokenizer_sha256": data.tokenizer_sha256},
+        "steps": steps,
+        "tokens_seen": steps * status.tokens_per_step,
+        "wall_time_s": round(status.wall(), 2) if state is not None else 0.0,
+        "device": device_name(job.device),
+        "world_size": status.world_size,
+        "precision": job.precision.name,
+        "precision_reason": job.precision.reason,
+        "schedule_steps": status.schedule.total,
+        "best_eval_loss": status.best.get("eval_loss"),
+        "best_eval_bpb": status.best.get("eval_bpb"),
+        "best_step": status.best.get("step"),
+        "last_eval": status.last_eval or None,
+        "init_from": job.init_from,
+        "stopped_because": stopped,
+    }
+    write_atomic(job.run_dir / RUN_JSON, json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def finalize(job: TrainingRun, model: PreTrainedModel, status: RunStatus) -> None:
+    """Write the best model (by eval loss) as the run dir's model, atomically."""
+    best = job.run_dir / "checkpoints" / "best" / "model.safetensors"
+    if status.best and status.best.get("step") != status.last_eval.get("step") and best.is_file():
+        model.load_state_dict(load_file(str(best)), strict=False)  # tied lm_head is not stored
+        model.tie_weights()
+        console.info(f"keeping the best model: step {status.best['step']} (eval loss {status.best['eval_loss']:.4f})")
+    model.generation_config = generation_config(job.settings, job.tokenizer)
+    save_model_atomic(model, job.tokenizer, job.run_dir)
+
+
+def generation_config(settings: Settings, tokenizer: PreTrainedTokenizerBase) -> GenerationConfig:
+    """Sampling defaults from the generate section, so plain `model.generate()` tells stories."""
+    g = settings.generate
+    return GenerationConfig(
+        do_sample=True, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
+        repetition_penalty=g.repetition_penalty, max_new_tokens=g.max_new_tokens,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+
+
+def save_model_atomic(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, run_dir: Path) -> None:
+    """save_pretrained into a temp folder inside the run dir, then rename each file into
+    place, weights last: a crash leaves the old model or the new one, never half a file."""
+    tmp = run_dir / f".model-tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    for f in sorted(tmp.iterdir(), key=lambda p: p.name.startswith("model")):
+        os.replace(f, run_dir / f.name)
+    tmp.rmdir()
+
+
+def plot(run_dir: Path) -> None:
+    """loss.png: training and evaluation loss against tokens seen."""
+    rows = [json.loads(r) for r in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if r]
+    tr = [(r["tokens"], r["loss"]) for r in rows if "loss" in r]
+    ev = [(r["tokens"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    fig = Figure(figsize=(7, 4), dpi=100)  # no pyplot: no GUI backend, nothing global
+    ax = fig.subplots()
+    if tr:
+        ax.plot(*zip(*tr), label="train loss", lw=1)
+    if ev:
+        ax.plot(*zip(*ev), "o-", label="eval loss", ms=3)
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(run_dir.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(run_dir / "loss.png") as tmp:
+        fig.savefig(tmp, format="png")
 
 
 # ---------------------------------------------------------------------- resume, dry run
@@ -461,9 +517,7 @@ KEEP_ON_RESUME = ("train.threads", "train.wandb", "train.wandb_project", "train.
 def _resumed_settings(run_dir: Path, settings: Settings) -> Settings:
     """The run's own settings.toml (same model, data order and schedule), with only the
     harmless keys of KEEP_ON_RESUME taken from this invocation; other changes are ignored."""
-    from tinystory.runs import run_settings
-
-    saved = run_settings(run_dir)
+    saved = Run(run_dir).settings
     if saved is None:
         return settings
     ignored = [k for k in settings.sources if settings.get(k) != saved.get(k) and k not in KEEP_ON_RESUME
@@ -476,27 +530,12 @@ def _resumed_settings(run_dir: Path, settings: Settings) -> Settings:
 
 def _dry_run(settings: Settings) -> None:
     """Print the memory plan (parameters, tokens a step, peak memory split) and return None."""
-    from tinystory import memory
-    from tinystory.console import out
-    from tinystory.model import build_config
-    from tinystory.tokenizer import parse_spec
-
     if settings.train.data:
-        from tinystory.data import open_prepared
-
         vocab = len(open_prepared(settings.train.data).tokenizer)
     else:
         kind, n = parse_spec(settings.data.tokenizer)
         vocab = 32000 if kind == "mistral" else int(n or 0)
     config = build_config(settings.model.preset, vocab)
-    device = "cuda" if settings.profile in ("rtx2070", "a100") else _device_guess()
-    plan = memory.plan(settings, config, device)
-    rendered = plan.render() if hasattr(plan, "render") else plan
-    out().print(rendered)
+    device = "cuda" if settings.profile in ("rtx2070", "a100") else pick_device()
+    console.out().print(memory.plan(settings, config, device).render())
     return None
-
-
-def _device_guess() -> str:
-    from tinystory.precision import device_type
-
-    return device_type()

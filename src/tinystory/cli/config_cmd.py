@@ -16,7 +16,7 @@ def profiles() -> None:
     from rich.table import Table
 
     from tinystory.console import out
-    from tinystory.settings import read_profile, profile_names
+    from tinystory.settings import profile_names, read_profile
 
     table = Table(title="profiles (use with --profile NAME)", title_justify="left")
     for col in ("name", "model", "tokenizer", "precision", "batch x block", "optimizer", "description"):

@@ -16,7 +16,8 @@ from tinystory.cli.options import ConfigOpt, PrintSettingsOpt, ProfileOpt, RunAr
 from tinystory.errors import TinystoryError
 
 if TYPE_CHECKING:
-    from tinystory.generation import Generator, SamplingParams
+    from tinystory.generation import Generator
+    from tinystory.sampling import SamplingParams
 
 SEPARATOR = "\n---\n\n"  # between samples on stdout
 SAMPLING = "Sampling"
@@ -26,11 +27,6 @@ class UsageError(TinystoryError):
     """Wrong use of the command line: one line, exit 2."""
 
     exit_code = 2
-
-
-def stdin_is_tty() -> bool:
-    """Is a person typing? (A function, so tests can pretend.)"""
-    return sys.stdin.isatty()
 
 
 def generate(
@@ -67,7 +63,8 @@ def generate(
     settings = resolve(profile, config, set_, flags=flags, print_only=print_settings, sections=["generate"])
     from tinystory.console import info
     from tinystory.errors import SettingsError
-    from tinystory.generation import Generator, SamplingParams
+    from tinystory.generation import Generator
+    from tinystory.sampling import SamplingParams
 
     # bad input fails before the slow model load
     prompts = _prompts(prompt, prompts_file, allow_empty)
@@ -96,7 +93,7 @@ def generate(
 def _prompts(prompt: str | None, prompts_file: Path | None, allow_empty: bool) -> list[str] | None:
     """The prompts to use (None = interactive), checked before the model loads."""
     from tinystory.errors import DataError
-    from tinystory.generation import PromptError
+    from tinystory.sampling import PromptError
 
     if prompts_file is not None:
         if prompt is not None:
@@ -109,7 +106,7 @@ def _prompts(prompt: str | None, prompts_file: Path | None, allow_empty: bool) -
             raise DataError(f"prompts file {prompts_file} holds no prompt", "write one prompt a line")
         return prompts
     if prompt is None:
-        if not stdin_is_tty():
+        if not sys.stdin.isatty():
             raise UsageError("no prompt given", 'pass one, e.g. tinystory generate "Once upon a time", or use --prompts-file')
         return None
     if not prompt.strip() and not allow_empty:
@@ -150,7 +147,7 @@ def _tell(gen: Generator, prompt: str, params: SamplingParams, num_samples: int,
 def _interactive(gen: Generator, params: SamplingParams, num_samples: int, allow_empty: bool) -> None:
     """Read a beginning, tell a story, until Ctrl-D; Ctrl-C stops the story, not the loop."""
     from tinystory.console import info, warn
-    from tinystory.generation import PromptError
+    from tinystory.sampling import PromptError
 
     info("type the beginning of a story and press Enter (Ctrl-D to quit)")
     while True:
@@ -176,6 +173,7 @@ def _write_jsonl(gen: Generator, prompts: list[str], params: SamplingParams, num
 
     from tinystory.console import info
     from tinystory.generation import records
+    from tinystory.paths import write_atomic
 
     lines = []
     total = len(prompts) * num_samples
@@ -187,20 +185,5 @@ def _write_jsonl(gen: Generator, prompts: list[str], params: SamplingParams, num
             sys.stdout.flush()
         lines.append(line)
     if out is not None:
-        _atomic_write(out, "".join(lines))
+        write_atomic(out, "".join(lines))
         info(f"wrote {total} stories to {out}")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    import os
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

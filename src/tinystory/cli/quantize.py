@@ -35,8 +35,8 @@ def quantize(
     from tinystory.console import console
     from tinystory.quantization import format_table
     from tinystory.quantization import quantize as quantize_run
-    from tinystory.runs import resolve_run
+    from tinystory.runs import Run
 
-    target, rows = quantize_run(resolve_run(run), settings)
+    target, rows = quantize_run(Run.open(run).path, settings)
     console().print(format_table(rows), markup=False)  # notes hold "[gguf]", not markup
     print(target)

@@ -41,7 +41,8 @@ def serve(
     from tinystory.serve import require_extra, run_server
 
     require_extra()  # before the slow model load
-    from tinystory.generation import Generator, SamplingParams
+    from tinystory.generation import Generator
+    from tinystory.sampling import SamplingParams
 
     g = settings.generate
     generator = Generator.load(run, device=g.device, dtype=g.dtype, threads=g.threads, compile=g.compile)

@@ -1,37 +1,77 @@
-"""The transformers backend of `Generator`: a token-by-token loop with a KV cache.
+"""The backends of `Generator`: how a loaded model turns prompt ids into new token ids.
 
-`HFBackend` runs any transformers causal LM (run dir, checkpoint, hub snapshot; the int8
-model of `tinystory.quantization` too) in fp32/bf16/fp16 on CPU or CUDA, with
-transformers' own logits processors so that greedy and seeded sampling give exactly the
-tokens of `model.generate()`. Also here: the device, dtype and CPU-thread choices.
+- `HFBackend`: any transformers causal LM (run dir, checkpoint, hub snapshot, and the
+  int8 and bitsandbytes folders of `quantize`) in fp32/bf16/fp16 on CPU or CUDA, a
+  token-by-token loop with a KV cache and transformers' own logits processors, so greedy
+  and seeded sampling give exactly the tokens of `model.generate()`.
+- `GGUFBackend`: a `.gguf` file in llama.cpp (llama-cpp-python, the `gguf` extra).
+
+`load_backend(run)` picks one for what a `Run` holds.
 """
 
 from __future__ import annotations
 
-import os
+import inspect
+import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from tinystory.errors import RunError, SettingsError
-from tinystory.generation import Backend, HFTokenizerMixin, SamplingParams, run_defaults, run_name
+import torch
+from transformers import (
+    DynamicCache,
+    LogitsProcessorList,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    RepetitionPenaltyLogitsProcessor,
+    StaticCache,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+)
 
-if TYPE_CHECKING:
-    import torch
-    from transformers import LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
+from tinystory.loading import (
+    load_gguf,
+    load_model,
+    parameters_of,
+    pick_compile,
+    pick_device,
+    pick_dtype,
+    quiet_load,
+    set_threads,
+)
+from tinystory.model import count_parameters
+from tinystory.runs import Run
+from tinystory.sampling import Backend, HFTokenizerMixin, SamplingParams
+
+
+def load_backend(run: Run, device: str = "auto", dtype: str = "auto", threads: int = 0,
+                 compile: bool | str | None = None) -> Backend:
+    """The backend for what `run` holds: a .gguf file runs in llama.cpp; a quantized folder
+    (int8 on CPU, bitsandbytes on CUDA) and every transformers model folder on `HFBackend`
+    (compile: transformers models only)."""
+    if run.is_gguf:
+        return GGUFBackend(run.path, threads)
+    if run.is_quantized:
+        return quantized_backend(run, threads)
+    return HFBackend.from_run(run, device=device, dtype=dtype, threads=threads, compile=compile)
+
+
+def quantized_backend(run: Run, threads: int) -> HFBackend:
+    """A quantized folder on HFBackend, sized from its files and config."""
+    model, tokenizer = quiet_load(lambda: load_model(run))
+    n = count_parameters(model.config)
+    backend = HFBackend(model, tokenizer, run.name, run.path, set_threads(model.device.type, threads, n),
+                        defaults=run.generation_defaults)
+    backend.num_parameters = n
+    backend.size_bytes = sum(f.stat().st_size for f in run.path.glob("*.safetensors"))
+    backend.dtype = run.weights
+    return backend
 
 
 def logits_processors(params: SamplingParams) -> LogitsProcessorList:
     """transformers' own processors, in the order `generate()` applies them (top-p: the
     same tokens as its TopPLogitsWarper, found without sorting the whole vocabulary)."""
-    from transformers import (
-        LogitsProcessorList,
-        RepetitionPenaltyLogitsProcessor,
-        TemperatureLogitsWarper,
-        TopKLogitsWarper,
-    )
-
     procs = LogitsProcessorList()
     if params.repetition_penalty != 1.0:
         procs.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
@@ -56,8 +96,6 @@ class TopP:
         self.top_p, self.first_k = top_p, first_k
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:  # (B, V) -> (B, V)
-        import torch
-
         vocab = scores.shape[-1]
         log_z = torch.logsumexp(scores, dim=-1, keepdim=True)  # (B, 1)
         for k in (min(self.first_k, vocab), vocab):  # a flat distribution (untrained model): all
@@ -74,8 +112,6 @@ class TopP:
 
 def cache_kwarg(model: Any) -> str:
     """`cache` (transformers >= 5.24) or `past_key_values` (older): the forward's keyword."""
-    import inspect
-
     forward = getattr(model, "forward", model)
     return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
@@ -92,8 +128,6 @@ def decode_loop(
     draws from a `torch.Generator` seeded with `seed` (the same draws as `generate()`
     after `torch.manual_seed(seed)`).
     """
-    import torch
-
     procs = logits_processors(params)
     gen = torch.Generator(device=device).manual_seed(seed) if params.sampling else None
     seen = torch.tensor([prompt_ids], device=device)  # (1, T): what the repetition penalty sees
@@ -130,7 +164,8 @@ class HFBackend(HFTokenizerMixin, Backend):
     """
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str,
-                 path: Path | None = None, threads: int = 0, compile: bool = False) -> None:
+                 path: Path | None = None, threads: int = 0, compile: bool = False,
+                 defaults: Mapping[str, Any] | None = None) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name
@@ -145,35 +180,27 @@ class HFBackend(HFTokenizerMixin, Backend):
         self.threads = threads
         self.bos_token_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else model.config.bos_token_id
         self.eos_token_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.config.eos_token_id
-        self.defaults = run_defaults(path) if path else {}
+        self.defaults = dict(defaults or {})
         self.compile = compile
         self._cache_kw = cache_kwarg(model)
         self._static: Any = None  # (StaticCache, its kwargs, compiled step), built on first use
 
     @classmethod
-    def from_pretrained(cls, path: Path, device: str = "auto", dtype: str = "auto", threads: int = 0,
-                        name: str | None = None, compile: bool | str | None = None) -> HFBackend:
-        """Load a model folder (config.json + safetensors) and the tokenizer beside it.
-        compile: see `pick_compile` (None/"auto": on CUDA only)."""
-        import torch
-        from transformers import AutoModelForCausalLM
-
+    def from_run(cls, run: Run, device: str = "auto", dtype: str = "auto", threads: int = 0,
+                 compile: bool | str | None = None) -> HFBackend:
+        """A run dir, checkpoint or hub snapshot (config.json + safetensors) and the tokenizer
+        beside it; compile: see `loading.pick_compile` (None/"auto": on CUDA only)."""
         device = pick_device(device)
-        compile = pick_compile(device, compile)
-        dtype = pick_dtype(device, dtype)
-        threads = set_threads(device, threads, path)
-        tokenizer = find_tokenizer(path)
-        torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-        model = quiet_load(lambda: AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype)).to(device)
-        return cls(model, tokenizer, name or run_name(path), path, threads, compile)
+        model, tokenizer = load_model(run, device, pick_dtype(device, dtype))
+        threads = set_threads(device, threads, parameters_of(run.path))
+        return cls(model, tokenizer, run.name, run.path, threads, pick_compile(device, compile),
+                   run.generation_defaults)
 
     def token_ids(self, prompt_ids, params, seed, stop):  # type: ignore[no-untyped-def]
         prefill, step = self._static_steps() if self.compile else self._dynamic_steps()
         return decode_loop(prefill, step, prompt_ids, params, seed, self.eos_token_id, stop, self.device)
 
     def _dynamic_steps(self) -> tuple[Any, Any]:
-        from transformers import DynamicCache
-
         kw = {self._cache_kw: DynamicCache(), "use_cache": True}
         prefill = lambda ids: self.model(input_ids=ids, logits_to_keep=1, **kw).logits  # noqa: E731
         step = lambda token, pos: self.model(input_ids=token, **kw).logits  # noqa: E731
@@ -182,9 +209,6 @@ class HFBackend(HFTokenizerMixin, Backend):
     def _static_steps(self) -> tuple[Any, Any]:
         """Eager prefill (any prompt length) and one compiled, fixed-shape decode step
         into a StaticCache reused by every stream: compiled once per process."""
-        import torch
-        from transformers import StaticCache
-
         if self._static is None:
             cache = StaticCache(config=self.model.config, max_cache_len=self.context_length)
             kw = {self._cache_kw: cache, "use_cache": True}
@@ -205,126 +229,36 @@ class HFBackend(HFTokenizerMixin, Backend):
         return prefill, lambda token, pos: compiled(token, torch.tensor([pos], device=dev))
 
 
-# ------------------------------------------------------ device, dtype, threads, files
+class GGUFBackend(Backend):
+    """llama.cpp decoding of a GGUF written by `gguf_export` (tokenizer inside the file)."""
 
+    def __init__(self, path: Path, threads: int = 0) -> None:
+        self.llm = load_gguf(path, n_ctx=0, threads=threads)
+        self.path, self.name = path, path.name
+        self.size_bytes = path.stat().st_size
+        self.context_length = self.llm.n_ctx()
+        manifest = path.with_suffix(".json")  # written by `quantize`; absent for a bare .gguf
+        meta = json.loads(manifest.read_text(encoding="utf-8")) if manifest.is_file() else {}
+        self.num_parameters = int(meta.get("parameters", 0) or 0)
+        self.dtype, self.threads = path.stem.rsplit("-", 1)[-1], threads
+        self.bos_token_id, self.eos_token_id = self.llm.token_bos(), self.llm.token_eos()
+        self.defaults = {}
 
-def pick_device(device: str) -> str:
-    """`auto` -> cuda when present, else cpu; `cuda` without CUDA is an error."""
-    import torch
+    def encode(self, text: str) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False) if text else []
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SettingsError("generate.device is cuda but no CUDA GPU is visible", "use --device cpu (or auto)")
-    if device not in ("cpu", "cuda"):
-        raise SettingsError(f"unknown device {device!r}", "use auto, cpu or cuda")
-    return device
+    def decode(self, ids: list[int]) -> str:
+        specials = {self.bos_token_id, self.eos_token_id}
+        return self.llm.detokenize([i for i in ids if i not in specials]).decode("utf-8", errors="replace")
 
-
-def pick_compile(device: str, compile: bool | str | None) -> bool:
-    """`generate.compile`: "auto"/None -> on CUDA (the fastest decoding measured there),
-    off on a CPU (compiling takes longer than a story); "on"/"off" or a bool as given."""
-    if compile is None or compile == "auto":
-        return device == "cuda"
-    if isinstance(compile, bool):
-        return compile
-    if compile not in ("on", "off"):
-        raise SettingsError(f"unknown generate.compile {compile!r}", "use auto, on or off")
-    return compile == "on"
-
-
-def pick_dtype(device: str, dtype: str) -> str:
-    """`auto`: bf16 on a CUDA GPU that has it, else fp16 there; fp32 on CPU (exact, and
-    bf16 decoding is only faster on some CPUs: see benchmarks/bench_generate.py)."""
-    import torch
-
-    if dtype == "auto":
-        if device == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "fp32"
-    if dtype == "fp16" and device == "cpu":
-        raise SettingsError("fp16 on CPU is about 100x slower than fp32", "use --dtype fp32 or bf16 on CPU")
-    if dtype not in ("fp32", "bf16", "fp16"):
-        raise SettingsError(f"unknown dtype {dtype!r}", "use auto, fp32, bf16 or fp16")
-    return dtype
-
-
-# Measured on 2-core CPUs (benchmarks/bench_generate.py, docs/notes/generate.md): one
-# thread decodes the small presets fastest, quiet machine or not. A second thread can help
-# the 40M model, but on a busy machine (other processes on the cores) extra threads wait
-# on each other and decoding collapses (40M: 19 tok/s with 1 thread, 1.2 with 2): so only
-# the cores that are idle now are used.
-ONE_THREAD_BELOW_PARAMS = 20_000_000
-MAX_THREADS = 4
-
-
-def default_threads(num_parameters: int) -> int:
-    """Torch threads for decoding a model this big on this machine, now."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if num_parameters < ONE_THREAD_BELOW_PARAMS or cores == 1:
-        return 1
-    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return max(1, min(MAX_THREADS, cores - int(busy + 0.5)))
-
-
-def set_threads(device: str, threads: int, path: Path | None = None, num_parameters: int | None = None) -> int:
-    """Set torch's CPU threads for decoding (0 = `default_threads`) and return the number."""
-    import torch
-
-    if device != "cpu":
-        return torch.get_num_threads()
-    if threads <= 0:
-        threads = default_threads(num_parameters if num_parameters is not None else _params_from_config(path))
-    torch.set_num_threads(threads)
-    return threads
-
-
-def _params_from_config(path: Path | None) -> int:
-    if path is None or not (path / "config.json").is_file():
-        return 0
-    from transformers import AutoConfig
-
-    from tinystory.model import count_parameters
-
-    try:
-        return count_parameters(AutoConfig.from_pretrained(str(path)))
-    except Exception:  # an architecture count_parameters does not know: treat as big
-        return ONE_THREAD_BELOW_PARAMS
-
-
-# Loggers that speak while transformers loads a model: torchao (imported by transformers'
-# quantizers when installed) warns about CUDA kernels it cannot load on a CPU machine.
-NOISY_LOGGERS = ("torchao", "torch.utils._pytree")
-
-
-def quiet_load(load: Any) -> Any:
-    """Run `load()` without transformers' loading bars or import chatter on stderr
-    (stderr is for our own lines; TINYSTORY_DEBUG=1 keeps everything)."""
-    import logging
-
-    from transformers.utils import logging as hf_logging
-
-    if os.environ.get("TINYSTORY_DEBUG", "").strip() not in ("", "0"):
-        return load()
-    bars = hf_logging.is_progress_bar_enabled()
-    levels = {name: logging.getLogger(name).level for name in NOISY_LOGGERS}
-    hf_logging.disable_progress_bar()
-    for name in NOISY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        return load()
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
-        for name, level in levels.items():
-            logging.getLogger(name).setLevel(level)
-
-
-def find_tokenizer(path: Path) -> PreTrainedTokenizerBase:
-    """The tokenizer of a model folder, or of the run dir above a checkpoint."""
-    from transformers import AutoTokenizer
-
-    for folder in (path, path.parent, path.parent.parent):
-        if (folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file():
-            return AutoTokenizer.from_pretrained(str(folder))
-    raise RunError(f"no tokenizer for {path} (tokenizer.json is missing)", "pass the run dir, which holds the tokenizer")
+    def token_ids(self, prompt_ids: list[int], params: SamplingParams, seed: int,
+                  stop: threading.Event | None) -> Iterator[int]:
+        self.llm.set_seed(seed)
+        sampling = dict(temp=0.0, top_k=1) if params.greedy else dict(
+            temp=params.temperature, top_k=params.top_k or 0, top_p=params.top_p)
+        n = 0
+        for tok in self.llm.generate(prompt_ids, reset=True, repeat_penalty=params.repetition_penalty, **sampling):
+            yield tok
+            n += 1
+            if tok == self.eos_token_id or n >= params.max_new_tokens or (stop is not None and stop.is_set()):
+                return
