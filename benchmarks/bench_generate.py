@@ -149,7 +149,7 @@ def bench(run: Path, dtype: str, threads: int, n: int, repeats: int, with_hf: bo
           compile: bool = False) -> dict:
     """Median tok/s and first-token ms of ours (and of plain generate()), interleaved."""
     from tinystory.generation import Generator
-from tinystory.sampling import SamplingParams
+    from tinystory.sampling import SamplingParams
 
     gen = Generator.load(run, device="cpu", dtype=dtype, threads=threads, compile=compile)
     params = SamplingParams(max_new_tokens=n, min_new_tokens=n, temperature=1.0, top_p=0.9, seed=0)

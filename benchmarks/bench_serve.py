@@ -119,7 +119,7 @@ class Direct:
 def direct_worker(run: Path, threads: int, n: int) -> None:
     """--direct-worker: load the run, then time one stream per line read from stdin."""
     from tinystory.generation import Generator
-from tinystory.sampling import SamplingParams
+    from tinystory.sampling import SamplingParams
 
     gen = Generator.load(run, device="cpu", threads=threads)
     params = SamplingParams(max_new_tokens=n, min_new_tokens=n, temperature=1.0, top_p=0.9, seed=0)

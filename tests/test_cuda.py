@@ -94,7 +94,7 @@ def test_bnb_quantize_reload_and_generate(fp16_run: Path, tmp_path: Path) -> Non
     pytest.importorskip("bitsandbytes", reason="bnb quantization needs bitsandbytes")
     from tinystory import quantization
     from tinystory.generation import Generator
-from tinystory.sampling import SamplingParams
+    from tinystory.sampling import SamplingParams
     from tinystory.settings import load_settings
 
     for method in ("bnb-int8", "bnb-nf4"):
@@ -110,7 +110,7 @@ from tinystory.sampling import SamplingParams
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_generation_on_cuda(fp16_run: Path, dtype: str) -> None:
     from tinystory.generation import Generator
-from tinystory.sampling import SamplingParams
+    from tinystory.sampling import SamplingParams
 
     if dtype == "bf16" and not torch.cuda.is_bf16_supported():
         pytest.skip("this GPU has no bf16")

@@ -207,7 +207,7 @@ def test_load_gguf_hint_when_llama_cpp_missing(monkeypatch, tmp_path):
 @needs_llama
 def test_generate_runs_a_gguf_like_the_hf_model(trained_run, tmp_path):
     from tinystory.generation import Generator
-from tinystory.sampling import SamplingParams
+    from tinystory.sampling import SamplingParams
 
     model, tok = load(trained_run)
     path = write_gguf(model, tok, tmp_path / "t-f32.gguf", "f32")
