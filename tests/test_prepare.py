@@ -228,18 +228,34 @@ def test_uint32_streams_are_written_and_read_back(nproc, sample300, tmp_path, mo
         assert np.asarray(data.tokens(split)).tolist() == np.asarray(sample300.tokens(split)).tolist()
 
 
+WORKER_DIES = """
+import os, sys
+if "tinystory.encoder" in sys.orig_argv:  # a worker of `prepare`: it dies on its first task
+    class Tasks:
+        def __iter__(self):
+            os._exit(3)
+    class Stdin:
+        buffer = Tasks()
+    sys.stdin = Stdin()
+"""
+
+
 def test_a_dead_worker_is_one_line_exit_1_and_nothing_written(mistral_cached, tmp_path):
-    # the whole sample (more than POOL_MIN_BYTES) in 2 worker processes; the worker of the
-    # first block exits with code 3
+    # the whole sample (more than POOL_MIN_BYTES) in 2 worker processes; the workers exit
+    # with code 3 at their first block (a sitecustomize makes them: no hook in the product)
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(WORKER_DIES)
+    path = os.pathsep.join(p for p in (str(hooks), os.environ.get("PYTHONPATH")) if p)
     r = subprocess.run(
         [sys.executable, "-m", "tinystory", "prepare", "--profile", "tiny", "--max-stories", "0",
          "--tokenizer", "mistral", "--num-proc", "2", "--out", str(tmp_path / "p")],
-        capture_output=True, text=True, env={**os.environ, "_TINYSTORY_WORKER_CRASH": "3"}, timeout=120)
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": path}, timeout=120)
     assert r.returncode == 1 and r.stdout == ""
     assert r.stderr.strip().splitlines()[-1] == (
         "error: a tokenizer process died (exit code 3) (out of memory? try --num-proc 1; "
         "its error, if any, is printed above)")
-    assert list(tmp_path.iterdir()) == []
+    assert list(tmp_path.iterdir()) == [hooks]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="F_SETPIPE_SZ is Linux's")
@@ -527,8 +543,30 @@ def test_json_without_the_field_lists_its_fields(tmp_path, capsys):
 # --------------------------------------------------------------------- interruption
 
 
+SIGNAL_AFTER_FIRST_WRITE = """
+import os, signal, sys, time
+if sys.orig_argv[1:4] == ["-m", "tinystory", "prepare"]:  # the parent, not a worker
+    import tinystory.packing as packing
+
+    write = packing.Packer._write
+
+    def _write(self, split, data, stories, nbytes):
+        write(self, split, data, stories, nbytes)
+        self.outs[split].flush()  # the first tokens are on the disk: now the signal
+        os.kill(os.getpid(), signal.SIG{hook})
+        time.sleep(5)  # it arrives here
+
+    packing.Packer._write = _write
+"""
+
+
 def _run_until_hook(tmp_path: Path, hook: str, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "_TINYSTORY_PREPARE_CRASH": hook}
+    """`prepare` in a subprocess that gets SIGKILL ("kill") or SIGINT ("interrupt") right
+    after its first tokens reach the disk (a sitecustomize does it: no hook in the product)."""
+    hooks = tmp_path.parent / f"{tmp_path.name}-hooks"
+    hooks.mkdir(exist_ok=True)
+    (hooks / "sitecustomize.py").write_text(SIGNAL_AFTER_FIRST_WRITE.format(hook="KILL" if hook == "kill" else "INT"))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(hooks), os.environ.get("PYTHONPATH")) if p)}
     return subprocess.run(
         [sys.executable, "-m", "tinystory", "prepare", "--profile", "tiny", "--out", str(tmp_path / "p"), *args],
         capture_output=True, text=True, env=env, timeout=120)

@@ -9,6 +9,7 @@ import os
 from typing import Any
 
 import torch.distributed as dist
+from accelerate import PartialState
 
 
 def world() -> tuple[int, int, int]:
@@ -19,10 +20,7 @@ def world() -> tuple[int, int, int]:
 
 def init(device: str) -> None:
     """Start the process group early (gloo on CPU), so ranks can agree on names and paths."""
-
     if world()[2] > 1 and not dist.is_initialized():
-        from accelerate import PartialState
-
         PartialState(cpu=device == "cpu", backend="gloo" if device == "cpu" else None)
 
 
@@ -30,7 +28,6 @@ def shared(value: Any) -> Any:
     """Rank 0's `value` on every rank (identity when not distributed)."""
     if world()[2] <= 1:
         return value
-
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
@@ -39,6 +36,4 @@ def shared(value: Any) -> Any:
 def barrier() -> None:
     """Wait for every rank (no-op in a single process)."""
     if world()[2] > 1:
-        import torch.distributed as dist
-
         dist.barrier()

@@ -62,7 +62,6 @@ PREPEND = "+prepend"  # suffix of a "space" kind whose ▁ comes from a Prepend 
 SP_NORMALIZER = {"type": "Sequence", "normalizers": [
     {"type": "Prepend", "prepend": "▁"}, {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]}
 AUTO = "auto"
-WORKER_CRASH = "_TINYSTORY_WORKER_CRASH"
 
 
 def chunk_kind(spec: dict) -> str | None:
@@ -286,10 +285,7 @@ def serve(enc: ChunkEncoder, tasks: BinaryIO, out: BinaryIO) -> None:
     """Read "spool<TAB>offset<TAB>nbytes" lines from `tasks` and answer each, in order, on
     `out` with 8 bytes of data length + 8 bytes of story count + the token bytes. Ends at
     EOF on `tasks` (also when the parent dies) or when the parent stops reading."""
-    crash = os.environ.get(WORKER_CRASH)  # tests: die on the first task with this exit code
     for line in tasks:
-        if crash:
-            os._exit(int(crash))
         spool, offset, nbytes = line.decode("utf-8").rstrip("\n").rsplit("\t", 2)
         texts = read_spool(spool, int(offset), int(nbytes))
         data = enc.encode_bytes(texts)

@@ -37,18 +37,18 @@ compared with `train.memory_budget_gb` (GiB) or the device's memory.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+import torch
 from rich.table import Table
 
 from tinystory.model import count_parameters
 
 if TYPE_CHECKING:
-    from rich.table import Table
-
     from tinystory.settings import Settings
 
 GIB = 2**30
@@ -313,8 +313,6 @@ def plan(settings: Settings, config: Any, device: str = "cuda", *, precision: st
     """
     t = settings.train
     if t.attention != getattr(config, "_attn_implementation", "sdpa"):
-        import copy
-
         config = copy.deepcopy(config)
         config._attn_implementation = t.attention  # what training will set on the model
     prec = _resolve_precision(precision or t.precision, device)
@@ -355,8 +353,6 @@ def _budget(settings: Settings, device: str, budget_bytes: int | None) -> tuple[
     if gb > 0:
         return int(gb * GIB), f"train.memory_budget_gb = {gb:g} GiB ({settings.source('train.memory_budget_gb')})"
     if device == "cuda":
-        import torch
-
         if not torch.cuda.is_available():
             return None, "unknown: no CUDA device here (set train.memory_budget_gb)"
         props = torch.cuda.get_device_properties(torch.cuda.current_device())

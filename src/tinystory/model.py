@@ -8,15 +8,13 @@ always comes from the tokenizer, never from the preset.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import difflib
+from typing import Any
 
 import torch
 from transformers import MistralConfig, MistralForCausalLM
 
 from tinystory.errors import SettingsError
-
-if TYPE_CHECKING:
-    from transformers import MistralConfig, MistralForCausalLM
 
 # hidden, layers, heads, kv heads, MLP width, sliding window (None = full causal), max positions
 PRESETS: dict[str, dict[str, Any]] = {
@@ -49,8 +47,6 @@ COMMON: dict[str, Any] = dict(
 def preset(name: str) -> dict[str, Any]:
     """The shape of a named preset (a copy), or a SettingsError naming the valid ones."""
     if name not in PRESETS:
-        import difflib
-
         close = difflib.get_close_matches(name, list(PRESETS), n=1)
         hint = f"did you mean {close[0]!r}?" if close else f"use one of: {', '.join(PRESETS)}"
         raise SettingsError(f"unknown model preset {name!r}", hint)

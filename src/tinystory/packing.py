@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -30,7 +29,6 @@ from tinystory.errors import TinystoryError
 
 SPOOL_BLOCK = 1 << 19  # bytes of text per block: the unit of encoding work
 ANSWER_PIPE = 1 << 20  # bytes a worker's answer pipe holds (Linux's default pipe-max-size)
-CRASH_HOOK = "_TINYSTORY_PREPARE_CRASH"  # tests: "kill" / "interrupt" after the first write
 
 
 class Spool:
@@ -123,7 +121,6 @@ class Packer:
         self.tokens[split] += len(data) // self.itemsize
         if self.meter is not None:
             self.meter.advance(0, tokens=len(data) // self.itemsize, encoded=stories)
-        crash_hook(self.outs[split])
 
     def finish(self) -> dict[str, int]:
         """Wait for every block, sync the files to disk; tokens per split. The workers are
@@ -222,15 +219,6 @@ def widen_pipe(fd: int, size: int = ANSWER_PIPE) -> None:
         fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, size)
     except (ImportError, AttributeError, OSError):  # not Linux, or above /proc/sys/fs/pipe-max-size
         pass  # the default pipe: slower, not wrong
-
-
-def crash_hook(out: Any) -> None:
-    """Tests: die, or get Ctrl-C, right after the first tokens reach the disk."""
-    hook = os.environ.pop(CRASH_HOOK, "")
-    if hook:
-        out.flush()
-        os.kill(os.getpid(), signal.SIGKILL if hook == "kill" else signal.SIGINT)
-        time.sleep(5)  # the signal arrives here
 
 
 class Meter:

@@ -8,6 +8,7 @@ seconds; otherwise an offline run (synced later with `wandb sync`). Keys are nev
 from __future__ import annotations
 
 import importlib.util
+import netrc
 import os
 import socket
 from urllib.parse import urlparse
@@ -26,8 +27,6 @@ def logged_in() -> bool:
     if os.environ.get("WANDB_API_KEY"):
         return True
     try:
-        import netrc
-
         return netrc.netrc().authenticators(_host()) is not None
     except (OSError, netrc.NetrcParseError):
         return False
