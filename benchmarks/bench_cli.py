@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 
-from _common import cpu_name  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
+from _common import cpu_name
 
 
 def time_command(argv: list[str], env: dict[str, str], runs: int) -> list[float]:

@@ -20,7 +20,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from _common import cpu_name  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
+from _common import cpu_name
 
 SHAPES = {  # preset: (bpe vocab, block size, max new tokens)
     "tiny": (512, 64, 48),

@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import cpu_name  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
+from _common import cpu_name
 
 PROMPT = "Once upon a time, there was a little girl named Lily. She"
 ENTROPY = 1.5  # nats: next-token entropy of a TinyStories model (its validation loss is ~1.2-1.5)
@@ -159,7 +159,7 @@ def bench(run: Path, dtype: str, threads: int, n: int, repeats: int, with_hf: bo
     if with_hf:
         time_hf(gen, 8)
     ours, hf = [], []
-    for i in range(repeats):
+    for _ in range(repeats):
         ours.append(time_ours(gen, params))
         if with_hf:
             hf.append(time_hf(gen, n))
@@ -204,7 +204,8 @@ def main() -> None:
             variants += [(q, "auto", False)] if q else []
             for path, dtype, compiled in variants:
                 for threads in (int(t) for t in args.threads.split(",")):
-                    row = bench(path, dtype, threads, args.new_tokens, args.repeats, path == run and not compiled, compiled)
+                    row = bench(path, dtype, threads, args.new_tokens, args.repeats, path == run and not compiled,
+                                compiled)
                     row["model"] = path.name + (" compiled" if compiled else "")
                     rows.append(row)
                     hf = (f"{row['hf_tok_s']:>11.1f}{row['hf_cpu_tok_s']:>7.1f}{row['hf_ttft_ms']:>9.1f}"

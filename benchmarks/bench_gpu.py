@@ -211,7 +211,7 @@ def split_stories(tokens: Any, eos: int, max_len: int) -> list[Any]:
 
     ends = np.flatnonzero(np.asarray(tokens) == eos)
     starts = np.concatenate([[0], ends[:-1] + 1])
-    return [np.asarray(tokens[s : e + 1][:max_len], dtype=np.int64) for s, e in zip(starts, ends) if e > s]
+    return [np.asarray(tokens[s : e + 1][:max_len], dtype=np.int64) for s, e in zip(starts, ends, strict=True) if e > s]
 
 
 def throughput(metrics: list[dict[str, Any]], skip: int = 2) -> float | None:
@@ -675,7 +675,7 @@ def _encode(run: Path, text: str) -> list[int]:
     from tinystory.tokenizer import load_tokenizer
 
     tok = load_tokenizer(run)
-    return [tok.bos_token_id] + tok.encode(text, add_special_tokens=False)
+    return [tok.bos_token_id, *tok.encode(text, add_special_tokens=False)]
 
 
 def part_quant(a: argparse.Namespace) -> dict[str, Any]:

@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import cpu_id, cpu_name  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
+from _common import cpu_id, cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCH = "torch==2.13.0"

@@ -38,7 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import cpu_id, cpu_name  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
+from _common import cpu_id, cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "tinystories"
@@ -75,7 +75,7 @@ def llama2c_main(data: str, out: str, nproc: int) -> None:
     shards = sorted(str(p) for p in Path(data).glob("train*.txt"))
     outs = [str(Path(out) / (Path(s).stem + ".bin")) for s in shards]
     with ProcessPoolExecutor(max_workers=nproc) as ex:
-        total = sum(ex.map(_llama2c_shard, zip(shards, outs)))
+        total = sum(ex.map(_llama2c_shard, zip(shards, outs, strict=True)))
     print(json.dumps({"tokens": total}))
 
 
@@ -207,7 +207,7 @@ def main() -> None:
             runs: dict[str, list[dict]] = {"ours mistral": [], "llama2.c sentencepiece": [], "ours bpe:4096": []}
             sampled: dict[str, dict] = {}
 
-            def run(name: str, sample: bool = False) -> dict:
+            def run(name: str, sample: bool = False, data: Path = data, scale: int = scale) -> dict:
                 load = os.getloadavg()[0]
                 if name == "llama2.c sentencepiece":
                     r = run_llama2c(data, tmp / "l2c", nproc, env, sample)

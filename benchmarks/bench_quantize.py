@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import cpu_name  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
+from _common import cpu_name
 
 PROMPT = "Once upon a time"
 SETUP = {"tinystories-40m": ("mistral", 0), "cpu-3m": ("bpe:4096", 300)}  # tokenizer, default train steps

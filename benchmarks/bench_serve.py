@@ -101,7 +101,8 @@ class Direct:
     """A subprocess that loads the run like the server does and times direct calls."""
 
     def __init__(self, run: Path, threads: int, n: int) -> None:
-        argv = [sys.executable, __file__, "--direct-worker", str(run), "--threads", str(threads), "--new-tokens", str(n)]
+        argv = [sys.executable, __file__, "--direct-worker", str(run), "--threads", str(threads), "--new-tokens",
+                str(n)]
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                      text=True)
         self.info = json.loads(self.proc.stdout.readline())
@@ -227,7 +228,8 @@ def main() -> None:
     print(f"# {args.new_tokens} new tokens a request, median of {args.repeats} interleaved runs, "
           f"{CLIENTS} concurrent clients", flush=True)
     print(f"{'model':<16}{'thr':>4}{'direct ttft ms':>15}{'tok/s':>7}{'serve ttft ms':>14}{'tok/s':>7}"
-          f"{'overhead':>9}{'(min)':>7}{'loop cpu':>9}{'4 clients ttft ms (max)':>25}{'tok/s each':>11}{'total':>7}{'vs direct':>10}", flush=True)
+          f"{'overhead':>9}{'(min)':>7}{'loop cpu':>9}{'4 clients ttft ms (max)':>25}{'tok/s each':>11}"
+          f"{'total':>7}{'vs direct':>10}", flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         runs = [args.run] if args.run else [make_run(p, Path(tmp), peaked=False) for p in args.presets.split(",")]

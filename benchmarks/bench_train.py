@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import cpu_name  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
+from _common import cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "tinystories"
@@ -187,7 +187,7 @@ def seed_recipe(data_path: Path, settings, precision: str, seconds: float) -> tu
     stream = np.asarray(data.tokens("train"), dtype=np.int64)
     ends = np.flatnonzero(stream == tok.eos_token_id)
     starts = np.concatenate([[0], ends[:-1] + 1])
-    stories = [{"input_ids": stream[a:b + 1][: t.block_size].tolist()} for a, b in zip(starts, ends)]
+    stories = [{"input_ids": stream[a:b + 1][: t.block_size].tolist()} for a, b in zip(starts, ends, strict=True)]
     torch.manual_seed(t.seed)
     model = build_model(build_config(settings.model.preset, len(tok), tok.bos_token_id, tok.eos_token_id))
     collate = DataCollatorForLanguageModeling(tok, mlm=False)

@@ -25,7 +25,7 @@ def _isolated(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Monk
     monkeypatch.setenv("TINYSTORY_PLAIN", "1")
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
     for var in list(os.environ):
-        if var.startswith("TINYSTORY_") and "__" in var or var in ("TINYSTORY_PROFILE", "TINYSTORY_DEBUG"):
+        if (var.startswith("TINYSTORY_") and "__" in var) or var in ("TINYSTORY_PROFILE", "TINYSTORY_DEBUG"):
             monkeypatch.delenv(var, raising=False)
 
 
@@ -37,7 +37,7 @@ def sample_stories(split: str = "train", limit: int | None = None) -> list[str]:
     return stories[:limit] if limit else stories
 
 
-def write_prepared(folder: Path, tok, n_val: int = 40, *, train: list[str] | None = None,  # noqa: ANN001
+def write_prepared(folder: Path, tok, n_val: int = 40, *, train: list[str] | None = None,
                    val: list[str] | None = None, name: str = "bpe:512") -> Path:
     """A prepared folder in the agreed format (what `tinystory prepare` writes: BOS + ids +
     EOS per story, uint16) of `train` and `val` stories tokenized with `tok`; by default
@@ -71,13 +71,13 @@ class PacedGenerator:
     """A real `Generator` whose streams wait `delay` s before each piece, so a client (an
     HTTP test, a browser's Stop button) can act mid-story."""
 
-    def __init__(self, gen, delay: float) -> None:  # noqa: ANN001
+    def __init__(self, gen, delay: float) -> None:
         self._gen, self._delay = gen, delay
 
-    def __getattr__(self, name: str):  # noqa: ANN204
+    def __getattr__(self, name: str):
         return getattr(self._gen, name)
 
-    def stream(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+    def stream(self, *args, **kwargs):
         import time
 
         inner, delay = self._gen.stream(*args, **kwargs), self._delay
@@ -85,7 +85,7 @@ class PacedGenerator:
         class Stream:
             stats = inner.stats
 
-            def __iter__(self):  # noqa: ANN204
+            def __iter__(self):
                 for piece in inner:
                     time.sleep(delay)
                     yield piece

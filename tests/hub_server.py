@@ -307,7 +307,7 @@ class StandInHub:
                 if self.command != "HEAD":
                     self.wfile.write(data)
 
-            do_GET = do_POST = do_PUT = do_HEAD = _serve
+            do_GET = do_POST = do_PUT = do_HEAD = _serve  # noqa: N815 - http.server's names
 
             def log_message(self, *args: object) -> None:  # keep test output clean
                 pass

@@ -138,7 +138,7 @@ def test_importing_the_bench_imports_no_torch():
 def test_set_overrides_and_variants(bench, tmp_path):
     assert bench.overrides(["train.attention=eager", "train.batch_size=128", "train.torch_compile=false"]) == {
         "train__attention": "eager", "train__batch_size": 128, "train__torch_compile": False}
-    with pytest.raises(SystemExit, match="use SECTION.KEY=VALUE"):
+    with pytest.raises(SystemExit, match=r"use SECTION\.KEY=VALUE"):
         bench.overrides(["batch_size=3"])
     first = fake()
     first["variants"] = {"cudagraphs": {"tok_s": 668_000.0, "peak_allocated": 16 * 2**30,

@@ -23,7 +23,8 @@ from tinystory.generation import Generator, records
 from tinystory.sampling import Backend, GenerationStats, HFTokenizerMixin, PromptError, SamplingParams
 
 PROMPT = "Once upon a time"
-GOLDEN = " there was a little girl was a little girl was a little girl was a little girl was a little girl was a little"  # 24 greedy tokens
+# 24 greedy tokens
+GOLDEN = " there was a little girl was a little girl was a little girl was a little girl was a little girl was a little"
 GREEDY = SamplingParams(max_new_tokens=24, greedy=True)
 
 
@@ -248,7 +249,8 @@ def test_cli_stdout_is_only_the_story(trained_run: Path):
 
 
 def test_cli_samples_are_separated_and_seeded(trained_run: Path, capsys):
-    code, out, err = cli(capsys, "generate", PROMPT, "-r", str(trained_run), "-n", "12", "--num-samples", "2", "--seed", "10")
+    code, out, err = cli(capsys, "generate", PROMPT, "-r", str(trained_run), "-n", "12", "--num-samples", "2",
+                         "--seed", "10")
     assert code == 0 and out.count("\n---\n\n") == 1
     first, second = out.split("\n---\n\n")
     assert first.startswith(PROMPT) and second.startswith(PROMPT)
@@ -260,7 +262,8 @@ def test_cli_samples_are_separated_and_seeded(trained_run: Path, capsys):
 def test_cli_prompts_file_writes_json_lines(trained_run: Path, tmp_path: Path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Once upon a time\n\nThe dog\n", encoding="utf-8")
-    code, out, _ = cli(capsys, "generate", "-r", str(trained_run), "--prompts-file", str(prompts), "-n", "10", "--seed", "1")
+    code, out, _ = cli(capsys, "generate", "-r", str(trained_run), "--prompts-file", str(prompts), "-n", "10",
+                       "--seed", "1")
     assert code == 0
     recs = [json.loads(line) for line in out.splitlines()]
     assert [r["prompt"] for r in recs] == ["Once upon a time", "The dog"]  # blank lines skipped
@@ -291,9 +294,12 @@ def test_cli_interactive_loop(trained_run: Path, capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("args,code,message", [
-    (["generate", "   "], 1, 'error: the prompt is empty (type a beginning such as "Once upon a time", or pass --allow-empty)'),
-    (["generate"], 2, 'error: no prompt given (pass one, e.g. tinystory generate "Once upon a time", or use --prompts-file)'),
-    (["generate", "Hi", "--temperature", "-1"], 1, "error: temperature must be 0 or more (e.g. --temperature 1.0 (0 = greedy))"),
+    (["generate", "   "], 1,
+     'error: the prompt is empty (type a beginning such as "Once upon a time", or pass --allow-empty)'),
+    (["generate"], 2,
+     'error: no prompt given (pass one, e.g. tinystory generate "Once upon a time", or use --prompts-file)'),
+    (["generate", "Hi", "--temperature", "-1"], 1,
+     "error: temperature must be 0 or more (e.g. --temperature 1.0 (0 = greedy))"),
     (["generate", "Hi", "--run", "someone/tiny-stories"], 1,
      "error: cannot fetch model someone/tiny-stories: HF_HUB_OFFLINE is set (pass a local run dir instead)"),
     (["generate", "Hi", "--dtype", "fp16", "--device", "cpu"], 1,
@@ -368,7 +374,7 @@ def test_compile_default_is_cuda_only(trained_run: Path):
 
     assert [pick_compile(d, c) for d in ("cpu", "cuda") for c in (None, "auto")] == [False, False, True, True]
     assert (pick_compile("cpu", "on"), pick_compile("cuda", "off"), pick_compile("cuda", False)) == (True, False, False)
-    with pytest.raises(SettingsError, match="unknown generate.compile 'yes'"):
+    with pytest.raises(SettingsError, match=r"unknown generate\.compile 'yes'"):
         pick_compile("cpu", "yes")
     if not torch.cuda.is_available():
         assert not Generator.load(trained_run).backend.compile  # a CPU decodes eagerly by default

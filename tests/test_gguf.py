@@ -192,7 +192,7 @@ def test_load_gguf_hint_when_llama_cpp_missing(monkeypatch, tmp_path):
 
     real = builtins.__import__
 
-    def no_llama(name, *a, **k):  # noqa: ANN001, ANN002, ANN003
+    def no_llama(name, *a, **k):
         if name == "llama_cpp":
             raise ImportError(name)
         return real(name, *a, **k)

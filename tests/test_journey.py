@@ -26,7 +26,7 @@ import tinystory
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(cmd: list[str], timeout: int = 900, **kw) -> subprocess.CompletedProcess:  # noqa: ANN003
+def run(cmd: list[str], timeout: int = 900, **kw) -> subprocess.CompletedProcess:
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
     assert r.returncode == 0, f"{' '.join(map(str, cmd))} exited {r.returncode}:\n{r.stderr[-3000:]}"
     return r
@@ -73,7 +73,8 @@ def test_dists_pass_twine_and_carry_what_they_must(dists: dict[str, Path]) -> No
     entry = zipfile.ZipFile(dists["wheel"]).read(f"tinystory_llm-{v}.dist-info/entry_points.txt").decode()
     assert "tinystory = tinystory.cli.app:main" in entry
     top = f"tinystory_llm-{v}/"
-    sdist = {n.removeprefix(top) for n in tarfile.open(dists["sdist"]).getnames()}
+    with tarfile.open(dists["sdist"]) as tar:
+        sdist = {n.removeprefix(top) for n in tar.getnames()}
     for f in ("CHANGELOG.md", "README.md", "LICENSE", "pyproject.toml", "completions/tinystory.bash",
               "completions/_tinystory", "completions/tinystory.fish", "tests/conftest.py", "tests/test_journey.py",
               "src/tinystory/sample/LICENSE-CDLA-Sharing-1.0.txt", "src/tinystory/py.typed"):
@@ -130,7 +131,8 @@ def test_journey(tinystory_exe: Path, tmp_path: Path) -> None:
     assert gguf == run_dir / "quantized" / "run-q8_0.gguf" and gguf.stat().st_size > 0
     assert json.loads(gguf.with_suffix(".json").read_text())["method"] == "gguf-q8_0"
 
-    r = tinystory_("push", str(run_dir), "someone/tiny-stories", "--dry-run", extra_env={"HF_TOKEN": "hf_not_a_real_token"})
+    r = tinystory_("push", str(run_dir), "someone/tiny-stories", "--dry-run",
+                   extra_env={"HF_TOKEN": "hf_not_a_real_token"})
     assert "model.safetensors" in r.stdout and "README.md" in r.stdout
     assert "hf_not_a_real_token" not in r.stdout + r.stderr
 

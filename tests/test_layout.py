@@ -76,7 +76,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return [*path[path.index(nxt):], nxt]
             if nxt not in state and (found := visit(nxt)):
                 return found
         path.pop()
@@ -152,6 +152,7 @@ def test_a_0_1_0_run_dir_opens_as_a_run(old_run: Path) -> None:
 def test_a_0_1_0_run_dir_tells_the_same_story_and_scores_the_same(old_run: Path, expected: dict,
                                                                  tmp_path: Path) -> None:
     from conftest import write_prepared
+
     from tinystory.cli.app import main
     from tinystory.evaluation import evaluate
     from tinystory.settings import load_settings

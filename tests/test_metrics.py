@@ -76,7 +76,7 @@ def test_self_bleu_edge_cases():
 def test_self_bleu_equals_sacrebleu_sentence_scores():
     from sacrebleu.metrics import BLEU
 
-    texts = sample_stories("val", 12) + ["", "Lily", "Lily Lily Lily", sample_stories("val", 1)[0]]
+    texts = [*sample_stories("val", 12), "", "Lily", "Lily Lily Lily", sample_stories("val", 1)[0]]
     bleu = BLEU(effective_order=True)
     slow = [bleu.sentence_score(t, texts[:i] + texts[i + 1 :]).score for i, t in enumerate(texts)]
     assert M.self_bleu(texts) == pytest.approx(sum(slow) / len(slow), abs=1e-9)

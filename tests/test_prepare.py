@@ -38,7 +38,7 @@ def stories_of(prepared, split):
     eos = np.flatnonzero(ids == tok.eos_token_id)
     starts = np.concatenate([[0], eos[:-1] + 1])
     assert (ids[starts] == tok.bos_token_id).all()
-    return [tok.decode(ids[s + 1 : e].tolist()) for s, e in zip(starts, eos)]
+    return [tok.decode(ids[s + 1 : e].tolist()) for s, e in zip(starts, eos, strict=True)]
 
 
 def write_txt(path: Path, stories: list[str]) -> Path:
@@ -364,8 +364,8 @@ def test_file_names_give_the_split(tmp_path, capsys):
     assert [(Path(s.label).name, s.role) for s in srcs] == [
         ("validation.jsonl", "val"), ("val_00.parquet", "val"), ("valid-3.txt", "val"),
         ("train-00.txt", "train"), ("Train_01.jsonl", "train")]
-    assert capsys.readouterr().err == (f"warning: ignored (named neither train* nor valid*): {tmp_path / 'valley.txt'}, "
-                                       f"{tmp_path / 'notes.txt'}\n")
+    assert capsys.readouterr().err == ("warning: ignored (named neither train* nor valid*): "
+                                       f"{tmp_path / 'valley.txt'}, {tmp_path / 'notes.txt'}\n")
     # without both kinds of name, every file is split by hash
     assert {s.role for s in _with_roles([tmp_path / "train.txt", tmp_path / "more.txt"])} == {"hash"}
     assert {s.role for s in _with_roles([tmp_path / "validation.txt"])} == {"hash"}
@@ -635,7 +635,7 @@ def test_chunk_encoder_gives_the_tokenizers_ids(which, bpe_tokenizer, tmp_path):
     from tinystory.tokenizer import load_mistral
 
     tok = load_mistral() if which.startswith("mistral") else bpe_tokenizer
-    texts = sample_stories("val") + ODD + [t + " " + o for t, o in zip(sample_stories("train", 14), ODD)]
+    texts = sample_stories("val") + ODD + [t + " " + o for t, o in zip(sample_stories("train", 14), ODD, strict=False)]
     js = tok.backend_tokenizer.to_str()
     if which == "mistral-metaspace":  # the form transformers' conversion writes (no ▁ before a leading space)
         spec = json.loads(js)
@@ -645,7 +645,8 @@ def test_chunk_encoder_gives_the_tokenizers_ids(which, bpe_tokenizer, tmp_path):
     core = Tokenizer.from_str(js)
     expected = [i for e in core.encode_batch_fast(texts, add_special_tokens=False) for i in (1, *e.ids, 2)]
     enc = ChunkEncoder(js, 1, 2, "uint16", cache_limit=2000)  # small: the cache restarts several times
-    assert (enc.kind, enc.newlines, enc.prepend) == {"mistral": ("space", True, True), "bpe": ("bytelevel", False, False),
+    assert (enc.kind, enc.newlines, enc.prepend) == {"mistral": ("space", True, True), "bpe": ("bytelevel", False,
+                                                                                               False),
                                                      "mistral-metaspace": ("space", True, False)}[which]
     got = np.concatenate([enc.encode(texts[i : i + 100]) for i in range(0, len(texts), 100)])
     assert got.tolist() == expected
@@ -657,11 +658,11 @@ def test_chunk_encoder_gives_the_tokenizers_ids(which, bpe_tokenizer, tmp_path):
     assert kind == {"mistral": "space+newline+prepend", "mistral-metaspace": "space+newline", "bpe": "bytelevel"}[which]
     keys = {}
     # also without the cut at newlines
-    for kind in [kind, "space" + plus] if which.startswith("mistral") else [kind]:
-        enc = ChunkEncoder(path, 1, 2, "uint32", kind=kind)
+    for variant in ([kind, "space" + plus] if which.startswith("mistral") else [kind]):
+        enc = ChunkEncoder(path, 1, 2, "uint32", kind=variant)
         got = np.frombuffer(enc.encode_bytes(texts), dtype=np.uint32)
         assert got.dtype == np.uint32 and got.tolist() == expected
-        keys[kind] = [k for k in enc.cache if isinstance(k, str)]
+        keys[variant] = [k for k in enc.cache if isinstance(k, str)]
     if which.startswith("mistral"):  # cut before every newline: a newline opens a key or is in none
         cut = keys["space+newline" + plus]
         assert all("\n" not in k[1:] for k in cut) and any("\n" in k[1:] for k in keys["space" + plus])

@@ -66,7 +66,7 @@ def test_output_paths(tmp_path):
     assert Q._output(run, "gguf-f16", tmp_path / "m.gguf") == tmp_path / "m.gguf"
     hub = tmp_path / "hub" / "models--user--story" / "snapshots" / "abc123"
     assert Q._output(hub, "gguf-q8_0", None) == Path.cwd() / "quantized" / "story-q8_0.gguf"
-    with pytest.raises(QuantizationError, match="is a .gguf file but int8 writes a folder"):
+    with pytest.raises(QuantizationError, match=r"is a \.gguf file but int8 writes a folder"):
         Q._output(run, "int8", tmp_path / "m.gguf")
 
 
@@ -191,7 +191,7 @@ def test_quantize_int8_command(capsys, trained_run, tmp_path, bpe_tokenizer):
         assert code == 0, err
         assert json.loads(out)["metrics"]["bpb"] == pytest.approx(expected, rel=1e-6)
 
-    model, tok = L.load_model(Run(out_dir))  # what `generate` / `eval` call for a quantized folder
+    model, _ = L.load_model(Run(out_dir))  # what `generate` / `eval` call for a quantized folder
     assert type(model).__name__ == "MistralForCausalLM"
 
     code, out, err = cli(capsys, "quantize", str(out_dir), "--method", "int8")

@@ -21,12 +21,12 @@ import pytest
 pytest.importorskip("fastapi", reason="needs the serve extra: pip install 'tinystory-llm[serve]'")
 pytest.importorskip("uvicorn", reason="needs the serve extra: pip install 'tinystory-llm[serve]'")
 
-from conftest import PacedGenerator  # noqa: E402
-from fastapi.testclient import TestClient  # noqa: E402
+from conftest import PacedGenerator
+from fastapi.testclient import TestClient
 
-from tinystory.generation import Generator  # noqa: E402
-from tinystory.sampling import SamplingParams  # noqa: E402
-from tinystory.serve import StopScanner, bind, create_app, is_loopback, parse_completion, serve_in_thread  # noqa: E402
+from tinystory.generation import Generator
+from tinystory.sampling import SamplingParams
+from tinystory.serve import StopScanner, bind, create_app, is_loopback, parse_completion, serve_in_thread
 
 PROMPT = "Once upon a time"
 DEFAULTS = SamplingParams(max_new_tokens=32, temperature=1.0, top_p=0.9, seed=None)
@@ -121,7 +121,8 @@ def test_streaming_completion_sends_openai_chunks_then_done(client, generator):
 
 def test_seed_repeats_a_story_and_echo_prepends_the_prompt(client):
     def text(**kw):
-        return client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 10, **kw}).json()["choices"][0]["text"]
+        return client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 10,
+                                                    **kw}).json()["choices"][0]["text"]
 
     assert text(seed=3) == text(seed=3) != text(seed=4)
     assert text(seed=3, echo=True) == PROMPT + text(seed=3)
@@ -146,7 +147,8 @@ def test_stop_scanner_holds_back_only_a_possible_stop():
 
 
 @pytest.mark.parametrize("body,status,message", [
-    (b"{not json", 400, "request body is not valid JSON: Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"),
+    (b"{not json", 400,
+     "request body is not valid JSON: Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"),
     (b"[1, 2]", 400, "request body must be a JSON object"),
     (b'{"max_tokens": 5}', 400, "prompt must be a string (one prompt, as text), got nothing"),
     (b'{"prompt": [1, 2, 3]}', 400, "prompt must be a string (one prompt, as text), got [1, 2, 3]"),

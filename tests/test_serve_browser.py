@@ -34,7 +34,8 @@ TIMEOUT_MS = 20_000
 def chromium() -> str:
     """Debian's chromium with Playwright to drive it; skip (or fail in CI) without them."""
     missing = []
-    for module, install in (("fastapi", "pip install 'tinystory-llm[serve]'"), ("playwright", "pip install playwright")):
+    for module, install in (("fastapi", "pip install 'tinystory-llm[serve]'"), ("playwright",
+                                                                                "pip install playwright")):
         try:
             __import__(module)
         except ImportError:

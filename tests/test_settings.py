@@ -76,18 +76,19 @@ def test_text_values_are_parsed_by_type():
         profile="tiny",
         env={},
         overrides=parse_set(
-            ["train.max_tokens=1e6", "train.torch_compile=yes", "eval.metrics=ppl, bpb", "generate.seed=none", "train.lr=3e-4"]
+            ["train.max_tokens=1e6", "train.torch_compile=yes", "eval.metrics=ppl, bpb", "generate.seed=none",
+             "train.lr=3e-4"]
         ),
     )
     assert s.train.max_tokens == 1_000_000
     assert s.train.torch_compile is True
-    assert s.eval.metrics == ["ppl", "bpb"]
+    assert s.eval.metrics == ("ppl", "bpb")
     assert s.generate.seed is None
     assert s.train.lr == 3e-4
 
 
 def test_bad_set_syntax():
-    with pytest.raises(SettingsError, match="is not section.key=value"):
+    with pytest.raises(SettingsError, match=r"is not section\.key=value"):
         parse_set(["lr"])
 
 
@@ -111,10 +112,18 @@ def test_toml_round_trip():
 
 
 def test_settings_are_frozen():
+    # guards against a settings object that a library call could change under another's feet:
+    # a field set on a frozen section, and a list-valued setting changed in place
+    import dataclasses
+
     s = Settings()
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         s.train.lr = 1.0  # type: ignore[misc]
+    with pytest.raises(AttributeError):  # a tuple: no append
+        s.eval.metrics.append("bleu")  # type: ignore[attr-defined]
+    assert s.eval.metrics == ("loss", "ppl", "bpb")
     assert s.replace(train__lr=0.1).train.lr == 0.1 and s.train.lr == 6e-4
+    assert s.replace(eval__metrics="bpb,distinct-n").eval.metrics == ("bpb", "distinct-n")
 
 
 def test_shipped_profiles():
@@ -134,7 +143,7 @@ def test_every_profile_is_valid_and_builds_its_model_on_meta(name):
             for key in values:
                 assert f"{section}.{key}" in all_keys()
                 assert s.source(f"{section}.{key}") == f"profile:{name}"
-    kind, n = parse_spec(s.data.tokenizer)
+    _, n = parse_spec(s.data.tokenizer)
     config = build_config(s.model.preset, n or 32000)
     model = build_model(config, device="meta")
     assert next(model.parameters()).device.type == "meta"

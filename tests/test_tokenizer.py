@@ -59,7 +59,7 @@ def test_mistral_matches_sentencepiece_on_all_the_shared_text(mistral):
     assert len(stories) > 17000
     ours = mistral(stories, add_special_tokens=False)["input_ids"]
     theirs = sp.encode(stories)
-    assert sum(a != b for a, b in zip(ours, theirs)) == 0
+    assert sum(a != b for a, b in zip(ours, theirs, strict=True)) == 0
     texts = list(AWKWARD)
     assert sp.encode(texts) == list(AWKWARD.values())
     assert mistral(texts, add_special_tokens=False)["input_ids"] == list(AWKWARD.values())
@@ -180,7 +180,7 @@ def test_quick_load_file_that_cannot_be_written_is_the_original(mistral, tmp_pat
     before = sorted(p.name for p in tmp_path.iterdir())
     real = Path.write_text
 
-    def disk_full(self, text, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+    def disk_full(self, text, *args, **kwargs):
         real(self, text[:1000], *args, **kwargs)
         raise OSError(errno.ENOSPC, "No space left on device")
 
@@ -212,7 +212,8 @@ def test_mistral_is_unpacked_once_from_the_package(mistral, monkeypatch):
     assert folder.parent == cache_dir() / "tokenizers" and folder.name == f"mistral-v1-{T.mistral_version()}"
     assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name]  # no temp folder left
     shipped = resources.files("tinystory.mistral")
-    assert (folder / "tokenizer.json").read_bytes() == gzip.decompress(shipped.joinpath("tokenizer.json.gz").read_bytes())
+    packed = shipped.joinpath("tokenizer.json.gz").read_bytes()
+    assert (folder / "tokenizer.json").read_bytes() == gzip.decompress(packed)
     monkeypatch.setattr(gzip, "decompress", lambda data: pytest.fail("unpacked again"))
     assert T.mistral_folder() == folder
     assert T.load_mistral()(SENTENCE)["input_ids"] == MISTRAL_IDS

@@ -289,7 +289,8 @@ def test_auto_prepare_without_data(capsys: pytest.CaptureFixture) -> None:
     from tinystory.settings import load_settings
     from tinystory.training import train
 
-    run = train(load_settings(profile="tiny", env={}).replace(train__max_steps=2, train__eval_every=0, train__threads=1))
+    run = train(load_settings(profile="tiny", env={}).replace(train__max_steps=2, train__eval_every=0,
+                                                              train__threads=1))
     assert "no --data given: preparing 'sample' with tokenizer bpe:512 first" in capsys.readouterr().err
     data = Path(json.loads((run / "run.json").read_text())["data"]["path"])
     assert data.is_relative_to(Path(os.environ["TINYSTORY_CACHE_DIR"])) and (data / "train.bin").is_file()

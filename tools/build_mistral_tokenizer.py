@@ -62,7 +62,7 @@ def convert(model: Path) -> dict:
     return json.loads(tok.backend_tokenizer.to_str())
 
 
-def make_exact(data: dict, sp) -> dict:  # noqa: ANN001
+def make_exact(data: dict, sp) -> dict:
     """The two changes of step 2 (see the module docstring)."""
     score = {sp.id_to_piece(i): sp.get_score(i) for i in range(sp.get_piece_size())}
     vocab = data["model"]["vocab"]
@@ -86,14 +86,14 @@ def stories(path: Path) -> list[str]:
     return out
 
 
-def check(folder: Path, sp, texts: list[str]) -> None:  # noqa: ANN001
+def check(folder: Path, sp, texts: list[str]) -> None:
     """The saved tokenizer gives sentencepiece's ids on every text, else SystemExit."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(folder))
     ours = tok(texts, add_special_tokens=False)["input_ids"]
     theirs = sp.encode(texts)
-    bad = [t for t, a, b in zip(texts, ours, theirs) if a != b]
+    bad = [t for t, a, b in zip(texts, ours, theirs, strict=True) if a != b]
     if bad:
         sys.exit(f"{len(bad)} of {len(texts)} texts differ from sentencepiece, e.g. {bad[0][:80]!r}")
     assert tok("Once upon a time")["input_ids"][0] == tok.bos_token_id == 1

@@ -256,9 +256,8 @@ class GGUFBackend(Backend):
         self.llm.set_seed(seed)
         sampling = dict(temp=0.0, top_k=1) if params.greedy else dict(
             temp=params.temperature, top_k=params.top_k or 0, top_p=params.top_p)
-        n = 0
-        for tok in self.llm.generate(prompt_ids, reset=True, repeat_penalty=params.repetition_penalty, **sampling):
+        tokens = self.llm.generate(prompt_ids, reset=True, repeat_penalty=params.repetition_penalty, **sampling)
+        for n, tok in enumerate(tokens, 1):
             yield tok
-            n += 1
             if tok == self.eos_token_id or n >= params.max_new_tokens or (stop is not None and stop.is_set()):
                 return

@@ -230,7 +230,7 @@ class ChunkEncoder:
     def _one_by_one(self, keys: list[str], prefix: str) -> None:
         if keys:
             encoded = self.core.encode_batch_fast([prefix + k for k in keys], add_special_tokens=False)
-            self.cache.update(zip(keys, (self._pack(e.ids) for e in encoded)))
+            self.cache.update(zip(keys, (self._pack(e.ids) for e in encoded), strict=True))
 
 
 class SpaceChunks(dict):

@@ -69,7 +69,8 @@ class Generator:
         new token in the context; returns (ids, tokens cut)."""
         text = prompt.strip()
         if not text and not allow_empty:
-            raise PromptError("the prompt is empty", 'type a beginning such as "Once upon a time", or pass --allow-empty')
+            raise PromptError("the prompt is empty",
+                              'type a beginning such as "Once upon a time", or pass --allow-empty')
         bos = [] if self.backend.bos_token_id is None else [self.backend.bos_token_id]
         body = self.backend.encode(text)
         room = self.context_length - len(bos) - 1

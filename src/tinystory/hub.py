@@ -181,7 +181,7 @@ def format_size(n: int) -> str:
 def _http_module() -> Any:
     """The httpx flavour huggingface_hub uses (httpx2 in 2.x, httpx in 1.x)."""
 
-    return getattr(_http, "httpx2", None) or getattr(_http, "httpx")
+    return getattr(_http, "httpx2", None) or _http.httpx
 
 
 @contextmanager

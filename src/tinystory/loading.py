@@ -134,7 +134,7 @@ def parameters_of(path: Path) -> int:
         return 0
     try:
         return count_parameters(AutoConfig.from_pretrained(str(path)))
-    except Exception:  # noqa: BLE001 - any config we cannot size: treat as big
+    except Exception:
         return ONE_THREAD_BELOW_PARAMS
 
 
@@ -148,7 +148,8 @@ def check_method(method: str, cuda: bool | None = None) -> None:
     if method.startswith("bnb-") and not (torch.cuda.is_available() if cuda is None else cuda):
         raise QuantizationError(f"{method} needs a CUDA GPU (bitsandbytes quantizes on CUDA), none is here",
                                 "on this CPU use --method int8, or gguf-q8_0 for llama.cpp")
-    if method == "int8" and not any(e in torch.backends.quantized.supported_engines for e in ("x86", "fbgemm", "qnnpack")):
+    if method == "int8" and not any(e in torch.backends.quantized.supported_engines for e in ("x86", "fbgemm",
+                                                                                              "qnnpack")):
         raise QuantizationError("this torch build has no int8 kernels (quantized engine)",
                                 "use --method gguf-q8_0 for llama.cpp")
 
@@ -184,7 +185,8 @@ def find_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     for folder in (path, path.parent, path.parent.parent):
         if (folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file():
             return AutoTokenizer.from_pretrained(str(folder))
-    raise RunError(f"no tokenizer for {path} (tokenizer.json is missing)", "pass the run dir, which holds the tokenizer")
+    raise RunError(f"no tokenizer for {path} (tokenizer.json is missing)",
+                   "pass the run dir, which holds the tokenizer")
 
 
 def load_model(run: Run, device: str = "auto", dtype: str = "fp32") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

@@ -180,7 +180,7 @@ class _Shape:
     @property
     def mask(self) -> bool:
         """HF materialises a mask (sdpa cannot use is_causal) when the window is shorter than the block."""
-        return self.window is not None and self.T > self.window
+        return self.window is not None and self.window < self.T
 
 
 def _layer_saved(s: _Shape, p: int, c: int, amp: bool) -> int:

@@ -89,7 +89,8 @@ def save_bnb(run: Path, method: str, folder: Path) -> PreTrainedModel:
     model = quiet_load(lambda: AutoModelForCausalLM.from_pretrained(run, quantization_config=qc, dtype=compute,
                                                                      device_map={"": 0}))
     folder.mkdir(parents=True, exist_ok=True)
-    quiet_load(lambda: model.save_pretrained(folder))  # safetensors with the bnb quant state: from_pretrained reloads it
+    # safetensors with the bnb quant state: from_pretrained reloads it
+    quiet_load(lambda: model.save_pretrained(folder))
     load_tokenizer(run).save_pretrained(folder)
     return model.eval()
 
@@ -215,7 +216,7 @@ def tokens_per_second(scorer: Scorer, ids: list[int], n: int = GEN_TOKENS, reps:
 
 def leading_match(a: list[int], b: list[int]) -> int:
     """How many leading tokens of `a` and `b` are equal."""
-    for i, (x, y) in enumerate(zip(a, b)):
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):  # the shorter one decides
         if x != y:
             return i
     return min(len(a), len(b))

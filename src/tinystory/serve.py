@@ -135,7 +135,8 @@ def _stop(body: dict) -> tuple[str, ...]:
     stops = [] if stop is None else [stop] if isinstance(stop, str) else stop
     ok = isinstance(stops, list) and len(stops) <= MAX_STOP_STRINGS and all(isinstance(s, str) and s for s in stops)
     if not ok:
-        raise BadRequest(f"stop must be a non-empty string or a list of at most {MAX_STOP_STRINGS} of them", param="stop")
+        raise BadRequest(f"stop must be a non-empty string or a list of at most {MAX_STOP_STRINGS} of them",
+                         param="stop")
     return tuple(stops)
 
 
@@ -477,7 +478,7 @@ def create_app(generator: "Generator", defaults: "SamplingParams | None" = None)
         return JSONResponse(card)
 
     @app.post("/v1/completions", response_model=None)
-    async def completions(request: Request):  # noqa: ANN202 - JSON or a stream
+    async def completions(request: Request):
         try:
             if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:  # before reading it
                 raise BadRequest(f"request body is larger than {MAX_BODY_BYTES // 1024} KiB", status=413)
@@ -565,7 +566,8 @@ def bind(host: str, port: int) -> socket.socket:
         if e.errno == errno.EADDRINUSE:
             hint = "pass another --port, or stop the other server"
             raise TinystoryError(f"port {port} on {host} is already in use", hint) from None
-        raise TinystoryError(f"cannot bind {host}:{port}: {e.strerror}", "use --host 127.0.0.1 or another --port") from None
+        raise TinystoryError(f"cannot bind {host}:{port}: {e.strerror}",
+                             "use --host 127.0.0.1 or another --port") from None
 
 
 def url_of(sock: socket.socket) -> str:

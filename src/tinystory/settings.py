@@ -14,11 +14,13 @@ import dataclasses
 import difflib
 import json
 import os
+import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from tinystory.errors import SettingsError
 
@@ -29,11 +31,10 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 
 
 def setting(default: Any, why: str, choices: tuple[str, ...] | None = None) -> Any:
-    """A settings field: its default, one line saying why, and the allowed values."""
+    """A settings field: its default, one line saying why, and the allowed values. List
+    values are tuples, so a frozen Settings cannot be changed in place either."""
     meta = {"why": why, "choices": choices}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
-    return field(default=default, metadata=meta)
+    return field(default=tuple(default) if isinstance(default, list) else default, metadata=meta)
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -104,7 +105,7 @@ class TrainSettings:
 
 @dataclass(frozen=True)
 class EvalSettings:
-    metrics: list[str] = setting(["loss", "ppl", "bpb"], "metrics to compute (see `tinystory eval --help`)")
+    metrics: tuple[str, ...] = setting(["loss", "ppl", "bpb"], "metrics to compute (see `tinystory eval --help`)")
     data: str = setting("", "prepared-data folder; empty = the one the run was trained on")
     max_tokens: int = setting(0, "cap on validation tokens scored (0 = the whole split)")
     batch_size: int = setting(8, "blocks per forward pass when scoring")
@@ -125,7 +126,7 @@ class GenerateSettings:
     top_p: float = setting(0.9, "nucleus sampling (llama2.c's recommendation: 0.9)")
     repetition_penalty: float = setting(1.0, "penalise repeated tokens (1.0 = off)")
     num_samples: int = setting(1, "stories per prompt")
-    seed: typing.Optional[int] = setting(None, "seed for reproducible samples (unset = random)")
+    seed: int | None = setting(None, "seed for reproducible samples (unset = random)")
     device: str = setting("auto", "where to run: auto = CUDA when present", ("auto", "cpu", "cuda"))
     dtype: str = setting("auto", "weights dtype: auto = bf16/fp16 on CUDA, fp32 on CPU", PRECISIONS)
     threads: int = setting(0, "torch CPU threads, 0 = pick for decoding speed")
@@ -235,10 +236,10 @@ def all_keys() -> list[str]:
 
 
 def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) is typing.Union:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
         inner = [a for a in typing.get_args(tp) if a is not type(None)]
         return f"{_type_name(inner[0])} or nothing"
-    if typing.get_origin(tp) is list:
+    if typing.get_origin(tp) is tuple:
         return "list of strings"
     return {bool: "true/false", int: "integer", float: "number", str: "string"}.get(tp, str(tp))
 
@@ -253,16 +254,16 @@ def _coerce(dotted: str, tp: Any, value: Any, source: str) -> Any:
             f"fix the value in {source}",
         )
 
-    if typing.get_origin(tp) is typing.Union:
-        inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        inner = next(a for a in typing.get_args(tp) if a is not type(None))
         if value is None or (from_text and str(value).strip().lower() in ("", "none", "null")):
             return None
         return _coerce(dotted, inner, value, source)
-    if typing.get_origin(tp) is list:
+    if typing.get_origin(tp) is tuple:
         if isinstance(value, str):
-            return [v.strip() for v in value.split(",") if v.strip()]
+            return tuple(v.strip() for v in value.split(",") if v.strip())
         if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-            return list(value)
+            return tuple(value)
         raise bad()
     if tp is bool:
         if isinstance(value, bool):
@@ -475,7 +476,7 @@ def _toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
-    if isinstance(value, list):
+    if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     return json.dumps(value)  # a JSON string is a valid TOML basic string
 
@@ -522,5 +523,6 @@ def print_settings(settings: Settings, sections: list[str] | None = None) -> Non
             dotted = f"{section}.{key}"
             src = settings.source(dotted)
             style = "bold" if src != "default" else ""
-            table.add_row(dotted, repr(value) if not isinstance(value, str) else value, src, explain(dotted), style=style)
+            table.add_row(dotted, repr(value) if not isinstance(value, str) else value, src, explain(dotted),
+                          style=style)
     out().print(table)

@@ -318,7 +318,8 @@ def pin_revision(src: Source) -> None:
         raise DataError(f"dataset {src.hub_id} has no revision {src.revision!r}",
                         "pass --revision with a branch, tag or commit of the dataset") from None
     except RepositoryNotFoundError:
-        raise DataError(f"no dataset {src.hub_id} on the Hugging Face Hub", "check the id, or use a local path") from None
+        raise DataError(f"no dataset {src.hub_id} on the Hugging Face Hub",
+                        "check the id, or use a local path") from None
     except OSError as e:  # huggingface_hub's connection errors subclass OSError
         from tinystory.errors import OfflineError
 

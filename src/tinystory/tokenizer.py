@@ -48,7 +48,8 @@ def parse_spec(spec: str) -> tuple[str, int | None]:
     if m:
         n = int(m.group(1))
         if n < BPE_MIN_VOCAB or n > 1 << 20:
-            raise SettingsError(f"bpe vocab size {n} is out of range", f"use bpe:N with {BPE_MIN_VOCAB} <= N <= 1048576")
+            raise SettingsError(f"bpe vocab size {n} is out of range",
+                                f"use bpe:N with {BPE_MIN_VOCAB} <= N <= 1048576")
         return "bpe", n
     raise SettingsError(f"unknown tokenizer {spec!r}", "use `mistral` or `bpe:N` (e.g. bpe:4096)")
 

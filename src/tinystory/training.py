@@ -96,7 +96,8 @@ def _resume_dir(settings: Settings) -> Path:
             raise TrainingError(f"cannot resume: {run} does not exist", "pass --out with the run dir to resume")
         return run
     root = runs_dir()
-    found = [(ckpt, p) for p in root.iterdir() if p.is_dir() and (ckpt := latest_checkpoint(p))] if root.is_dir() else []
+    found = [(ckpt,
+              p) for p in root.iterdir() if p.is_dir() and (ckpt := latest_checkpoint(p))] if root.is_dir() else []
     if not found:
         raise TrainingError(f"nothing to resume: no run with a checkpoint in {root}", "pass --out RUN_DIR")
     return max(found, key=lambda pair: pair[0].stat().st_mtime)[1]
@@ -260,7 +261,8 @@ def train(settings: Settings, *, resume: bool = False, init_from: str | None = N
         run_dir = _resume_dir(settings)
         ckpt = latest_checkpoint(run_dir)
         if ckpt is None:
-            raise TrainingError(f"cannot resume: {run_dir} has no complete checkpoint", "train it again without --resume")
+            raise TrainingError(f"cannot resume: {run_dir} has no complete checkpoint",
+                                "train it again without --resume")
         recorded = read_json(run_dir / RUN_JSON)
         settings = _resumed_settings(run_dir, settings)
     else:
@@ -311,7 +313,8 @@ def _train(job: TrainingRun) -> Path:
     step_s, eval_s = _step_time(job) if fit and not job.checkpoint else (0.0, 0.0)
     total, max_steps = _plan_steps(settings, len(train_ds), job.world_size, step_s, eval_s)
     status = RunStatus(run_dir=job.run_dir, tokens_per_step=t.batch_size * t.grad_accum * job.world_size * t.block_size,
-                       parameters=count_parameters(model.config), peak_flops=peak_flops(job.precision.dtype, job.device),
+                       parameters=count_parameters(model.config), peak_flops=peak_flops(job.precision.dtype,
+                                                                                        job.device),
                        block_size=t.block_size, schedule=Schedule(t.warmup_steps, total, t.min_lr_ratio),
                        is_main=job.is_main, world_size=job.world_size, budget_s=t.minutes * 60)
     if job.checkpoint is not None:
@@ -357,7 +360,9 @@ def _callbacks(trainer: StoryTrainer, status: RunStatus, settings: Settings,
         trainer.add_callback(cb)
     if wandb:
         trainer.add_callback(WandbInfo())
-    early = EarlyStopping(early_stopping_patience=t.early_stopping_patience) if t.early_stopping_patience and t.eval_every else None
+    early = None
+    if t.early_stopping_patience and t.eval_every:
+        early = EarlyStopping(early_stopping_patience=t.early_stopping_patience)
     if early:
         trainer.add_callback(early)
     return stop, early
@@ -495,9 +500,9 @@ def plot(run_dir: Path) -> None:
     fig = Figure(figsize=(7, 4), dpi=100)  # no pyplot: no GUI backend, nothing global
     ax = fig.subplots()
     if tr:
-        ax.plot(*zip(*tr), label="train loss", lw=1)
+        ax.plot(*zip(*tr, strict=True), label="train loss", lw=1)
     if ev:
-        ax.plot(*zip(*ev), "o-", label="eval loss", ms=3)
+        ax.plot(*zip(*ev, strict=True), "o-", label="eval loss", ms=3)
     ax.set_xlabel("tokens seen")
     ax.set_ylabel("loss (nats/token)")
     ax.set_title(run_dir.name)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import sys
 from functools import lru_cache
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -63,7 +63,7 @@ def build(only: str | None = None) -> typer.Typer:
     @application.callback()
     def _root(
         version: Annotated[
-            Optional[bool],
+            bool | None,
             typer.Option("--version", "-V", callback=_version, is_eager=True, help="Show the version and exit."),
         ] = None,
     ) -> None:

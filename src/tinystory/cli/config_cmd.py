@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -42,7 +42,7 @@ def show(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     section: Annotated[
-        Optional[list[str]], typer.Option("--section", help="Only these sections (repeatable).", show_default=False)
+        list[str] | None, typer.Option("--section", help="Only these sections (repeatable).", show_default=False)
     ] = None,
 ) -> None:
     """Print every setting, its value and the layer it came from."""

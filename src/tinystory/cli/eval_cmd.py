@@ -2,33 +2,33 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from tinystory.cli.options import ConfigOpt, PrintSettingsOpt, ProfileOpt, RunArg, SeedOpt, SetOpt, resolve
 
 RunsArg = Annotated[
-    Optional[list[str]],
+    list[str] | None,
     typer.Argument(metavar="RUN...", show_default=False,
                    help="Run dirs, checkpoints or hub ids, compared side by side; default: the latest run."),
 ]
 MetricsOpt = Annotated[
-    Optional[str],
+    str | None,
     typer.Option("--metrics", "-m", show_default=False,
                  help="Comma-separated: loss, ppl, bpb, distinct-n, self-bleu, rep-n, bleu, length, or all "
                       "(default: eval.metrics = loss,ppl,bpb)."),
 ]
 DataOpt = Annotated[
-    Optional[str],
+    str | None,
     typer.Option("--data", help="Prepared-data folder; default: the one the run was trained on.", show_default=False),
 ]
 SamplesOpt = Annotated[
-    Optional[int], typer.Option("--num-samples", "-n", min=1, help="Stories generated for the text metrics.",
+    int | None, typer.Option("--num-samples", "-n", min=1, help="Stories generated for the text metrics.",
                                 show_default=False),
 ]
 MaxTokensOpt = Annotated[
-    Optional[int], typer.Option("--max-tokens", min=0, help="Cap on validation tokens scored (0 = all).",
+    int | None, typer.Option("--max-tokens", min=0, help="Cap on validation tokens scored (0 = all).",
                                 show_default=False),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of the table.")]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -30,23 +30,88 @@ class UsageError(TinystoryError):
 
 
 def generate(
-    prompt: Annotated[Optional[str], typer.Argument(
-        help="Beginning of the story. Without one, on a terminal: type beginnings until Ctrl-D.", show_default=False)] = None,
+    prompt: Annotated[
+        str | None,
+        typer.Argument(
+            help="Beginning of the story. Without one, on a terminal: type beginnings until Ctrl-D.", show_default=False
+        ),
+    ] = None,
     run: RunArg = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", "-n", help="Token limit of a story (it stops earlier at EOS).", show_default=False, rich_help_panel=SAMPLING)] = None,
-    temperature: Annotated[Optional[float], typer.Option("--temperature", "-t", help="Sampling temperature (0 = greedy).", show_default=False, rich_help_panel=SAMPLING)] = None,
-    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Keep the k likeliest tokens (0 = off).", show_default=False, rich_help_panel=SAMPLING)] = None,
-    top_p: Annotated[Optional[float], typer.Option("--top-p", help="Nucleus sampling (1.0 = off).", show_default=False, rich_help_panel=SAMPLING)] = None,
-    repetition_penalty: Annotated[Optional[float], typer.Option("--repetition-penalty", help="Penalise repeated tokens (1.0 = off).", show_default=False, rich_help_panel=SAMPLING)] = None,
-    num_samples: Annotated[Optional[int], typer.Option("--num-samples", help="Stories per prompt.", show_default=False, rich_help_panel=SAMPLING)] = None,
+    max_new_tokens: Annotated[
+        int | None,
+        typer.Option(
+            "--max-new-tokens",
+            "-n",
+            help="Token limit of a story (it stops earlier at EOS).",
+            show_default=False,
+            rich_help_panel=SAMPLING,
+        ),
+    ] = None,
+    temperature: Annotated[
+        float | None,
+        typer.Option(
+            "--temperature",
+            "-t",
+            help="Sampling temperature (0 = greedy).",
+            show_default=False,
+            rich_help_panel=SAMPLING,
+        ),
+    ] = None,
+    top_k: Annotated[
+        int | None,
+        typer.Option(
+            "--top-k", help="Keep the k likeliest tokens (0 = off).", show_default=False, rich_help_panel=SAMPLING
+        ),
+    ] = None,
+    top_p: Annotated[
+        float | None,
+        typer.Option("--top-p", help="Nucleus sampling (1.0 = off).", show_default=False, rich_help_panel=SAMPLING),
+    ] = None,
+    repetition_penalty: Annotated[
+        float | None,
+        typer.Option(
+            "--repetition-penalty",
+            help="Penalise repeated tokens (1.0 = off).",
+            show_default=False,
+            rich_help_panel=SAMPLING,
+        ),
+    ] = None,
+    num_samples: Annotated[
+        int | None,
+        typer.Option("--num-samples", help="Stories per prompt.", show_default=False, rich_help_panel=SAMPLING),
+    ] = None,
     seed: SeedOpt = None,
-    greedy: Annotated[bool, typer.Option("--greedy", help="Always take the likeliest token (deterministic).", rich_help_panel=SAMPLING)] = False,
-    prompts_file: Annotated[Optional[Path], typer.Option("--prompts-file", help="One prompt a line -> JSON Lines (prompt, story, settings, tokens).", show_default=False, dir_okay=False)] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the JSON Lines here (atomically) instead of stdout.", show_default=False, dir_okay=False)] = None,
-    allow_empty: Annotated[bool, typer.Option("--allow-empty", help="Accept an empty prompt: the story starts from nothing.")] = False,
-    device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu or cuda.", show_default=False)] = None,
-    dtype: Annotated[Optional[str], typer.Option("--dtype", help="auto, fp32, bf16 or fp16.", show_default=False)] = None,
-    threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads (0 = the measured best).", show_default=False)] = None,
+    greedy: Annotated[
+        bool,
+        typer.Option("--greedy", help="Always take the likeliest token (deterministic).", rich_help_panel=SAMPLING),
+    ] = False,
+    prompts_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--prompts-file",
+            help="One prompt a line -> JSON Lines (prompt, story, settings, tokens).",
+            show_default=False,
+            dir_okay=False,
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Write the JSON Lines here (atomically) instead of stdout.",
+            show_default=False,
+            dir_okay=False,
+        ),
+    ] = None,
+    allow_empty: Annotated[
+        bool, typer.Option("--allow-empty", help="Accept an empty prompt: the story starts from nothing.")
+    ] = False,
+    device: Annotated[str | None, typer.Option("--device", help="auto, cpu or cuda.", show_default=False)] = None,
+    dtype: Annotated[str | None, typer.Option("--dtype", help="auto, fp32, bf16 or fp16.", show_default=False)] = None,
+    threads: Annotated[
+        int | None, typer.Option("--threads", help="CPU threads (0 = the measured best).", show_default=False)
+    ] = None,
     profile: ProfileOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -54,11 +119,16 @@ def generate(
 ) -> None:
     """Tell a story: stream a continuation of PROMPT to stdout."""
     flags = {
-        "generate.max_new_tokens": (max_new_tokens, "--max-new-tokens"), "generate.temperature": (temperature, "--temperature"),
-        "generate.top_k": (top_k, "--top-k"), "generate.top_p": (top_p, "--top-p"),
+        "generate.max_new_tokens": (max_new_tokens, "--max-new-tokens"),
+        "generate.temperature": (temperature, "--temperature"),
+        "generate.top_k": (top_k, "--top-k"),
+        "generate.top_p": (top_p, "--top-p"),
         "generate.repetition_penalty": (repetition_penalty, "--repetition-penalty"),
-        "generate.num_samples": (num_samples, "--num-samples"), "generate.seed": (seed, "--seed"),
-        "generate.device": (device, "--device"), "generate.dtype": (dtype, "--dtype"), "generate.threads": (threads, "--threads"),
+        "generate.num_samples": (num_samples, "--num-samples"),
+        "generate.seed": (seed, "--seed"),
+        "generate.device": (device, "--device"),
+        "generate.dtype": (dtype, "--dtype"),
+        "generate.threads": (threads, "--threads"),
     }
     settings = resolve(profile, config, set_, flags=flags, print_only=print_settings, sections=["generate"])
     from tinystory.console import info
@@ -107,7 +177,9 @@ def _prompts(prompt: str | None, prompts_file: Path | None, allow_empty: bool) -
         return prompts
     if prompt is None:
         if not sys.stdin.isatty():
-            raise UsageError("no prompt given", 'pass one, e.g. tinystory generate "Once upon a time", or use --prompts-file')
+            raise UsageError(
+                "no prompt given", 'pass one, e.g. tinystory generate "Once upon a time", or use --prompts-file'
+            )
         return None
     if not prompt.strip() and not allow_empty:
         raise PromptError("the prompt is empty", 'type a beginning such as "Once upon a time", or pass --allow-empty')
@@ -166,8 +238,9 @@ def _interactive(gen: Generator, params: SamplingParams, num_samples: int, allow
             warn("stopped")
 
 
-def _write_jsonl(gen: Generator, prompts: list[str], params: SamplingParams, num_samples: int,
-                 allow_empty: bool, out: Path | None) -> None:
+def _write_jsonl(
+    gen: Generator, prompts: list[str], params: SamplingParams, num_samples: int, allow_empty: bool, out: Path | None
+) -> None:
     """One record per story: to stdout as each finishes, or atomically to `out`."""
     import json
 

@@ -4,7 +4,7 @@ function that turns typed flags into a resolved `Settings`."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -13,17 +13,17 @@ from tinystory.settings import Settings, load_settings, parse_set, print_setting
 PANEL = "Settings"
 
 ProfileOpt = Annotated[
-    Optional[str],
+    str | None,
     typer.Option("--profile", "-p", help="Hardware profile (`tinystory profiles`); default: TINYSTORY_PROFILE or auto.",
                  rich_help_panel=PANEL, show_default=False),
 ]
 ConfigOpt = Annotated[
-    Optional[Path],
+    Path | None,
     typer.Option("--config", help="TOML config file; default: TINYSTORY_CONFIG or the user config dir.",
                  rich_help_panel=PANEL, show_default=False, dir_okay=False),
 ]
 SetOpt = Annotated[
-    Optional[list[str]],
+    list[str] | None,
     typer.Option("--set", "-s", help="Override any setting: section.key=value (repeatable).",
                  rich_help_panel=PANEL, show_default=False),
 ]
@@ -32,10 +32,11 @@ PrintSettingsOpt = Annotated[
     typer.Option("--print-settings", help="Print the resolved settings with their sources and exit.",
                  rich_help_panel=PANEL),
 ]
-SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed (reproducible results).", show_default=False)]
+SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed (reproducible results).", show_default=False)]
 RunArg = Annotated[
-    Optional[str],
-    typer.Option("--run", "-r", help="Run dir, checkpoint, quantized model, .gguf file or hub id; default: the latest run.",
+    str | None,
+    typer.Option("--run", "-r",
+                 help="Run dir, checkpoint, quantized model, .gguf file or hub id; default: the latest run.",
                  show_default=False),
 ]
 

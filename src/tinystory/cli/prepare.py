@@ -6,7 +6,7 @@ The prepared folder's path is the result (stdout); progress and the summary go t
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -14,24 +14,24 @@ from tinystory.cli.options import ConfigOpt, PrintSettingsOpt, ProfileOpt, SetOp
 
 
 def prepare(
-    dataset: Annotated[Optional[str], typer.Option(
+    dataset: Annotated[str | None, typer.Option(
         "--dataset", "-d", show_default=False,
         help="`sample` (bundled), a .txt/.jsonl/.json/.parquet file, folder or glob, or a hub id.")] = None,
-    revision: Annotated[Optional[str], typer.Option(
+    revision: Annotated[str | None, typer.Option(
         "--revision", show_default=False,
         help="Hub dataset branch, tag or commit (default: main); the commit is recorded in meta.json.")] = None,
-    tokenizer: Annotated[Optional[str], typer.Option(
+    tokenizer: Annotated[str | None, typer.Option(
         "--tokenizer", "-t", show_default=False, help="`mistral` (32k) or `bpe:N` trained on the train split.")] = None,
-    out: Annotated[Optional[Path], typer.Option(
+    out: Annotated[Path | None, typer.Option(
         "--out", "-o", show_default=False, file_okay=False,
         help="Output folder; default: the cache, named by a fingerprint.")] = None,
-    max_stories: Annotated[Optional[int], typer.Option(
+    max_stories: Annotated[int | None, typer.Option(
         "--max-stories", "-n", show_default=False, min=0, help="Keep at most N training stories (0 = all).")] = None,
-    num_proc: Annotated[Optional[int], typer.Option(
+    num_proc: Annotated[int | None, typer.Option(
         "--num-proc", show_default=False, min=0, help="Tokenizer processes (0 = one per core).")] = None,
-    text_field: Annotated[Optional[str], typer.Option(
+    text_field: Annotated[str | None, typer.Option(
         "--text-field", show_default=False, help="Field holding the story in .jsonl/.json/.parquet/hub data.")] = None,
-    errors: Annotated[Optional[str], typer.Option(
+    errors: Annotated[str | None, typer.Option(
         "--errors", show_default=False,
         help="Bytes that are not UTF-8: `strict` (stop) or `replace` (U+FFFD).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Rebuild even when the prepared data exists.")] = False,

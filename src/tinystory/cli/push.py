@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -14,15 +14,15 @@ def push(
         metavar="RUN", help="Run dir to publish (`latest` = the most recent run).", show_default=False)],
     repo_id: Annotated[str, typer.Argument(
         metavar="REPO_ID", help="Hub model repo, namespace/name; created if it does not exist.", show_default=False)],
-    private: Annotated[Optional[bool], typer.Option("--private", help="Create the repo as private.")] = None,
-    token: Annotated[Optional[str], typer.Option(
+    private: Annotated[bool | None, typer.Option("--private", help="Create the repo as private.")] = None,
+    token: Annotated[str | None, typer.Option(
         "--token", help="Hub token with write access; default: HF_TOKEN, else the saved `hf auth login`.",
         show_default=False)] = None,
-    include_quantized: Annotated[Optional[bool], typer.Option(
+    include_quantized: Annotated[bool | None, typer.Option(
         "--include-quantized", help="Also upload the run's quantized/ variants (GGUF files too).")] = None,
-    revision: Annotated[Optional[str], typer.Option(
+    revision: Annotated[str | None, typer.Option(
         "--revision", help="Branch to commit to (created if missing); default: main.", show_default=False)] = None,
-    commit_message: Annotated[Optional[str], typer.Option(
+    commit_message: Annotated[str | None, typer.Option(
         "--commit-message", "-m", help="Commit message; default: a generated one.", show_default=False)] = None,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="Only write the folder that would be uploaded and list it; no network, no token.")] = False,

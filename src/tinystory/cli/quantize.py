@@ -6,7 +6,7 @@ Prints the comparison table on stderr and the output path on stdout.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -17,10 +17,10 @@ METHOD_HELP = ("int8 (CPU), bnb-int8 / bnb-nf4 (CUDA), gguf-f32 / gguf-f16 / ggu
 
 
 def quantize(
-    run: Annotated[Optional[str], typer.Argument(help="Run dir, checkpoint or hub id; default: the latest run.",
+    run: Annotated[str | None, typer.Argument(help="Run dir, checkpoint or hub id; default: the latest run.",
                                                   show_default=False)] = None,
-    method: Annotated[Optional[str], typer.Option("--method", "-m", help=METHOD_HELP, show_default=False)] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder, or .gguf file for gguf-*; "
+    method: Annotated[str | None, typer.Option("--method", "-m", help=METHOD_HELP, show_default=False)] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder, or .gguf file for gguf-*; "
                                                  "default: RUN/quantized/.", show_default=False)] = None,
     profile: ProfileOpt = None,
     config: ConfigOpt = None,

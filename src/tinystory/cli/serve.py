@@ -2,23 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from tinystory.cli.options import ConfigOpt, PrintSettingsOpt, ProfileOpt, SetOpt, resolve
 
 RunPos = Annotated[
-    Optional[str],
+    str | None,
     typer.Argument(help="Run dir, checkpoint, int8 folder, .gguf file or hub id; default: the latest run.",
                    show_default=False),
 ]
 HostOpt = Annotated[
-    Optional[str],
+    str | None,
     typer.Option("--host", help="Address to bind (default 127.0.0.1: this machine only; 0.0.0.0 = everyone).",
                  show_default=False),
 ]
-PortOpt = Annotated[Optional[int], typer.Option("--port", help="TCP port (default 8000; 0 = any free one).",
+PortOpt = Annotated[int | None, typer.Option("--port", help="TCP port (default 8000; 0 = any free one).",
                                                 show_default=False)]
 
 

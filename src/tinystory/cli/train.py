@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -15,24 +15,24 @@ LIMITS = "Length (pick one; the others are cleared)"
 
 def train(
     profile: ProfileOpt = None,
-    data: Annotated[Optional[Path], typer.Option("--data", "-d", help="Prepared-data folder (`tinystory prepare`).",
+    data: Annotated[Path | None, typer.Option("--data", "-d", help="Prepared-data folder (`tinystory prepare`).",
                                                  file_okay=False, show_default=False)] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run dir to write (or to resume).",
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Run dir to write (or to resume).",
                                                 file_okay=False, show_default=False)] = None,
-    max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Optimizer steps.",
+    max_steps: Annotated[int | None, typer.Option("--max-steps", min=1, help="Optimizer steps.",
                                                      rich_help_panel=LIMITS, show_default=False)] = None,
-    max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", min=1, help="Training tokens.",
+    max_tokens: Annotated[int | None, typer.Option("--max-tokens", min=1, help="Training tokens.",
                                                       rich_help_panel=LIMITS, show_default=False)] = None,
-    minutes: Annotated[Optional[float], typer.Option("--minutes", min=0.01, help="Wall time; the LR schedule is "
-                                                     "fitted to it.", rich_help_panel=LIMITS, show_default=False)] = None,
-    precision: Annotated[Optional[str], typer.Option("--precision", help=f"One of {', '.join(PRECISIONS)} "
+    minutes: Annotated[float | None, typer.Option("--minutes", min=0.01, help="Wall time; the LR schedule is "
+                                                  "fitted to it.", rich_help_panel=LIMITS, show_default=False)] = None,
+    precision: Annotated[str | None, typer.Option("--precision", help=f"One of {', '.join(PRECISIONS)} "
                                                      "(auto: by device; on CPU a measured probe).",
                                                      show_default=False)] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the latest checkpoint of --out "
                                          "(else of the newest run).")] = False,
-    init_from: Annotated[Optional[str], typer.Option("--init-from", help="Start from this run's (or hub model's) "
+    init_from: Annotated[str | None, typer.Option("--init-from", help="Start from this run's (or hub model's) "
                                                      "weights: fine-tuning.", show_default=False)] = None,
-    wandb: Annotated[Optional[bool], typer.Option("--wandb/--no-wandb", help="Log to Weights & Biases "
+    wandb: Annotated[bool | None, typer.Option("--wandb/--no-wandb", help="Log to Weights & Biases "
                                                   "(offline when not logged in).", show_default=False)] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the memory plan and exit.")] = False,
     config: ConfigOpt = None,
@@ -54,7 +54,8 @@ def train(
         flag = limits[0][0]
         flags.update({"train.max_steps": (max_steps or 0, flag), "train.max_tokens": (max_tokens or 0, flag),
                       "train.minutes": (float(minutes or 0.0), flag)})
-    settings = resolve(profile, config, set_, flags=flags, print_only=print_settings, sections=["model", "data", "train"])
+    settings = resolve(profile, config, set_, flags=flags, print_only=print_settings, sections=["model", "data",
+                                                                                                "train"])
     from tinystory.training import train as run_training
 
     run_dir = run_training(settings, resume=resume, init_from=init_from, dry_run=dry_run)
