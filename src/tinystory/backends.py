@@ -16,7 +16,7 @@ import json
 import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformers import (
@@ -139,7 +139,7 @@ def decode_loop(
             if eos is not None and i < params.min_new_tokens:
                 scores[:, eos] = -float("inf")
             if procs:
-                scores = procs(seen, scores)
+                scores = procs(cast(torch.LongTensor, seen), scores)
             if gen is None:
                 nxt = scores.argmax(dim=-1, keepdim=True)  # (1, 1)
             else:
@@ -196,7 +196,7 @@ class HFBackend(HFTokenizerMixin, Backend):
         return cls(model, tokenizer, run.name, run.path, threads, pick_compile(device, compile),
                    run.generation_defaults)
 
-    def token_ids(self, prompt_ids, params, seed, stop):  # type: ignore[no-untyped-def]
+    def token_ids(self, prompt_ids, params, seed, stop):
         prefill, step = self._static_steps() if self.compile else self._dynamic_steps()
         return decode_loop(prefill, step, prompt_ids, params, seed, self.eos_token_id, stop, self.device)
 

@@ -93,12 +93,12 @@ class Metrics(TrainerCallback):
         self.path = status.run_dir / "metrics.jsonl"
         self._last: tuple[float, int, float] | None = None  # (time, step, eval_s) at the last log
 
-    def on_train_begin(self, args, state, control, **kw):  # type: ignore[no-untyped-def]
+    def on_train_begin(self, args, state, control, **kw):
         self._last = (time.monotonic(), state.global_step, self.status.eval_s)
         if self.status.is_main:
             self.display.start(state.global_step)
 
-    def on_log(self, args, state, control, logs=None, **kw):  # type: ignore[no-untyped-def]
+    def on_log(self, args, state, control, logs=None, **kw):
         status, logs = self.status, dict(logs or {})
         row: dict[str, Any] = {"step": state.global_step, "tokens": state.global_step * status.tokens_per_step,
                                "wall_time_s": round(status.wall(), 3)}
@@ -119,7 +119,7 @@ class Metrics(TrainerCallback):
                 f.write(json.dumps(row) + "\n")
             self.display.update(row, state)
 
-    def on_train_end(self, args, state, control, **kw):  # type: ignore[no-untyped-def]
+    def on_train_end(self, args, state, control, **kw):
         if self.status.is_main:
             self.display.stop()
 
@@ -150,7 +150,7 @@ class StopControl(TrainerCallback):
         self._fit_from: tuple[float, int] | None = None
 
     # -- Ctrl-C
-    def _handler(self, signum, frame):  # type: ignore[no-untyped-def]
+    def _handler(self, signum, frame):
         if self._sigint:  # second Ctrl-C: give up now
             signal.signal(signal.SIGINT, self._previous or signal.default_int_handler)
             raise KeyboardInterrupt
@@ -167,11 +167,11 @@ class StopControl(TrainerCallback):
             signal.signal(signal.SIGINT, self._previous)
             self._previous = None
 
-    def on_train_begin(self, args, state, control, **kw):  # type: ignore[no-untyped-def]
+    def on_train_begin(self, args, state, control, **kw):
         self.status.started = time.monotonic()  # the budget counts training, not start-up
 
     # -- per step
-    def on_step_end(self, args, state, control, **kw):  # type: ignore[no-untyped-def]
+    def on_step_end(self, args, state, control, **kw):
         status = self.status
         status.schedule.elapsed_s = status.wall()
         if status.budget_s and status.is_main:
@@ -216,7 +216,7 @@ class StopControl(TrainerCallback):
         total = step + int((status.budget_s - wall) * rate)
         status.schedule.total = max(step + 1, total)
 
-    def on_train_end(self, args, state, control, **kw):  # type: ignore[no-untyped-def]
+    def on_train_end(self, args, state, control, **kw):
         self.restore()
 
 
@@ -230,7 +230,7 @@ class CheckpointMarker(TrainerCallback):
     def __init__(self, status: RunStatus) -> None:
         self.status = status
 
-    def on_save(self, args, state, control, **kw):  # type: ignore[no-untyped-def]
+    def on_save(self, args, state, control, **kw):
         if self.status.world_size > 1:
             dist.barrier()  # every rank has written its RNG state
         if self.status.is_main:
@@ -244,7 +244,7 @@ class CheckpointMarker(TrainerCallback):
 class WandbInfo(TrainerCallback):
     """Prints where the W&B run statuss on disk (and how to sync an offline run)."""
 
-    def on_train_begin(self, args, state, control, **kw):  # type: ignore[no-untyped-def]
+    def on_train_begin(self, args, state, control, **kw):
         import wandb  # a ~1 s import, paid only when W&B is on (report_to checked it is installed)
 
         run = wandb.run
@@ -260,5 +260,5 @@ class EarlyStopping(EarlyStoppingCallback):
     we keep the best model ourselves (checkpoints/best, written at each new best eval). Its
     constructor stays the parent's: the Trainer rebuilds it from its arguments on resume."""
 
-    def on_train_begin(self, args, state, control, **kw):  # type: ignore[no-untyped-def]
+    def on_train_begin(self, args, state, control, **kw):
         return None

@@ -174,7 +174,8 @@ class ChunkEncoder:
             whole = "".join(texts)
             if JOIN_KEY not in whole and not any(s in whole for s in self.specials):
                 return self._cached(texts)
-        parts, run = [], []
+        parts: list[bytes] = []
+        run: list[str] = []
         for text in texts:
             if self.kind is None or JOIN_KEY in text or any(s in text for s in self.specials):
                 if run:

@@ -49,7 +49,7 @@ from tinystory.progress import bar
 from tinystory.runs import EVAL_JSON, Run
 from tinystory.scoring import score_stream
 from tinystory.settings import EvalSettings, Settings
-from tinystory.tokenizer import token_byte_lengths
+from tinystory.tokenizer import decode, token_byte_lengths
 
 LOSS_METRICS = ("loss", "ppl", "bpb")
 TEXT_METRICS = ("distinct-n", "self-bleu", "rep-n", "length")
@@ -120,7 +120,7 @@ def continue_prompts(
             for row in new:
                 ended = eos in row
                 row = row[: row.index(eos)] if ended else row
-                out.append((tokenizer.decode(row, skip_special_tokens=True), ended))
+                out.append((decode(tokenizer, row), ended))
             advance(len(batch))
     return out
 
@@ -176,7 +176,7 @@ def evaluate(run: str | Path | None, settings: Settings, metrics: Sequence[str] 
         m.update(_text_row([t for t, _ in samples], [e for _, e in samples], text_names))
         counts["samples"] = len(samples)
         if stories:  # real stories cut at the same token limit, so lengths compare
-            real = [tokenizer.decode(ids[: ev.max_new_tokens].tolist()) for ids in stories]
+            real = [decode(tokenizer, ids[: ev.max_new_tokens].tolist()) for ids in stories]
             result["reference"] = _text_row(real, [len(ids) < ev.max_new_tokens for ids in stories], text_names)
     if "bleu" in names:
         m["bleu"], counts["bleu_prompts"] = bleu_metric(model, tokenizer, stories, ev, device)
@@ -222,7 +222,7 @@ def bleu_metric(model: Any, tokenizer: PreTrainedTokenizerBase, stories: Sequenc
                 device: str) -> tuple[float, int]:
     """(BLEU, prompts): the model continues the first half (by words) of each real story;
     sacrebleu corpus BLEU of the continuations against the true second halves."""
-    pairs = [p for p in (M.split_prompt(tokenizer.decode(ids.tolist())) for ids in stories) if p]
+    pairs = [p for p in (M.split_prompt(decode(tokenizer, ids.tolist())) for ids in stories) if p]
     if not pairs:
         raise DataError("no validation story to cut into prompts for bleu", "use prepared data with a val split")
     prompts = [tokenizer(prompt).input_ids for prompt, _ in pairs]  # BOS + first half

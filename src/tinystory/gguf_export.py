@@ -32,7 +32,6 @@ from tinystory.errors import QuantizationError
 from tinystory.tokenizer import is_byte_level, load_mistral, mistral_model_file
 
 if TYPE_CHECKING:
-    import numpy as np
     from transformers import MistralForCausalLM, PreTrainedTokenizerBase
 
 ARCH = "gemma"

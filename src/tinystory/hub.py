@@ -180,8 +180,7 @@ def format_size(n: int) -> str:
 
 def _http_module() -> Any:
     """The httpx flavour huggingface_hub uses (httpx2 in 2.x, httpx in 1.x)."""
-
-    return getattr(_http, "httpx2", None) or _http.httpx
+    return getattr(_http, "httpx2", None) or vars(_http)["httpx"]
 
 
 @contextmanager
@@ -191,7 +190,7 @@ def fail_fast_http() -> Iterator[None]:
     httpx = _http_module()
     hooks = [h for h in [getattr(_http, "hf_request_event_hook", None)] if h]
 
-    class FailFast(httpx.HTTPTransport):  # type: ignore[misc, name-defined]
+    class FailFast(httpx.HTTPTransport):  # type: ignore[name-defined]  # httpx is httpx2 or httpx, found at run time
         def handle_request(self, request: Any) -> Any:
             try:
                 return super().handle_request(request)

@@ -81,6 +81,9 @@ def _int8_entry(name: str, q: torch.Tensor) -> dict[str, torch.Tensor]:
 class Int8Embedding(torch.nn.Module):
     """Embedding lookup from per-row int8 weights (the tied output head's own int8 rows)."""
 
+    weight_int8: torch.Tensor
+    scale: torch.Tensor
+
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor) -> None:
         super().__init__()
         self.num_embeddings, self.embedding_dim = weight.shape

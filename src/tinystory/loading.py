@@ -213,7 +213,8 @@ def load_model(run: Run, device: str = "auto", dtype: str = "fp32") -> tuple[Pre
     where = pick_device(device)
     torch_dtype = DTYPES[pick_dtype(where, dtype)]
     model = quiet_load(lambda: AutoModelForCausalLM.from_pretrained(str(run.path), dtype=torch_dtype))
-    return model.to(where).eval(), find_tokenizer(run.path)
+    model = model.to(where)  # type: ignore[arg-type]  # transformers types .to() through a wrapper
+    return model.eval(), find_tokenizer(run.path)
 
 
 def llama_cpp_available() -> bool:

@@ -37,7 +37,7 @@ def ngrams(tokens: Sequence[str], n: int) -> list[tuple[str, ...]]:
 # ------------------------------------------------------------------------ loss metrics
 
 
-def mean_loss(sum_nats: float, n_tokens: int) -> float:
+def mean_loss(sum_nats: float, n_tokens: float) -> float:
     """Cross-entropy in nats per token: sum of -ln p(target) / number of targets."""
     if n_tokens <= 0:
         raise ValueError("no tokens were scored")
@@ -49,7 +49,7 @@ def perplexity(loss: float) -> float:
     return math.exp(loss)
 
 
-def bits_per_byte(sum_nats: float, n_bytes: int) -> float:
+def bits_per_byte(sum_nats: float, n_bytes: float) -> float:
     """Bits per byte = sum of nats over the scored tokens / (ln 2 x UTF-8 bytes of their text).
 
     Both sums run over the same target tokens, with the special tokens (BOS, EOS) left

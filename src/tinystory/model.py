@@ -77,7 +77,7 @@ def build_model(config: MistralConfig, device: str | None = None) -> MistralForC
         with torch.device("meta"):
             return MistralForCausalLM(config)
     model = MistralForCausalLM(config)
-    return model.to(device) if device else model
+    return model.to(device) if device else model  # type: ignore[arg-type]  # transformers' .to() wrapper
 
 
 def count_parameters(config: Any) -> int:

@@ -22,6 +22,7 @@ from tinystory.loading import quiet_load
 from tinystory.model import count_parameters, describe
 from tinystory.runs import HUB_ID, Run
 from tinystory.settings import GenerateSettings
+from tinystory.tokenizer import decode
 
 HOMEPAGE = "https://github.com/tinystory-llm/tinystory-llm"
 DATASET = "roneneldan/TinyStories"
@@ -190,7 +191,7 @@ def tokenizer_section(spec: str | None, vocab: int, sha: str | None) -> str:
 def training_section(run_info: dict[str, Any], settings: Any) -> str:
     """Profile, steps, tokens, hardware, wall time and the optimisation settings."""
     t = getattr(settings, "train", None)
-    wall = run_info.get("wall_time_s")
+    wall: Any = run_info.get("wall_time_s")
     best = run_info.get("best_eval_loss")
     rows: list[tuple[str, Any]] = [
         ("Profile", f"`{run_info.get('profile') or getattr(settings, 'profile', '')}`"),
@@ -199,7 +200,7 @@ def training_section(run_info: dict[str, Any], settings: Any) -> str:
          if _number(run_info.get("tokens_seen")) else None),
         ("Hardware", run_info.get("device")),
         ("Precision", run_info.get("precision")),
-        ("Wall time", _duration(wall) if _number(wall) else None),
+        ("Wall time", _duration(float(wall)) if _number(wall) else None),
         ("Best validation loss", f"{best:.4f} (bits per byte {run_info['best_eval_bpb']:.4f})"
          if _number(best) and _number(run_info.get("best_eval_bpb")) else (_fmt(best) if _number(best) else None)),
         ("Stopped because", run_info.get("stopped_because")),
@@ -353,7 +354,7 @@ def generate_samples(run: Path, sampling: dict[str, Any], prompts: tuple[str, ..
             with torch.inference_mode():
                 out = model.generate(**inputs, do_sample=True, pad_token_id=tok.pad_token_id or tok.eos_token_id,
                                      **args)
-            stories.append({"prompt": prompt, "story": tok.decode(out[0], skip_special_tokens=True)})
+            stories.append({"prompt": prompt, "story": decode(tok, out[0].tolist())})
     finally:
         torch.set_num_threads(threads)
     return stories

@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
+from transformers import PreTrainedModel
 
 from tinystory.errors import TrainingError
 
-if TYPE_CHECKING:
-    import torch
 
 def fp16_needs_cuda() -> TrainingError:
     """The one-line error for fp16 without CUDA (Trainer would silently train fp32)."""
@@ -46,7 +44,7 @@ def device_type() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def resolve(asked: str, device: str, model: torch.nn.Module | None = None, batch_shape: tuple[int, int] = (8, 64),
+def resolve(asked: str, device: str, model: PreTrainedModel | None = None, batch_shape: tuple[int, int] = (8, 64),
             probe_steps: int = 2) -> Precision:
     """The precision to train in: `asked` (auto|fp32|bf16|fp16) checked against `device`.
 
@@ -76,7 +74,7 @@ def resolve(asked: str, device: str, model: torch.nn.Module | None = None, batch
     return Precision(fast, why, ms)
 
 
-def probe(model: torch.nn.Module, batch_shape: tuple[int, int], steps: int = 2,
+def probe(model: PreTrainedModel, batch_shape: tuple[int, int], steps: int = 2,
           names: tuple[str, ...] = ("fp32", "bf16"), device: str = "cpu") -> dict[str, float]:
     """Median ms of a forward+backward step of `model` in each precision of `names`.
 

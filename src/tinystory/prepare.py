@@ -261,6 +261,8 @@ def _start(packer: Packer, files: Path, tmp: Path, processes: bool) -> Tokenizer
     cached = files != tmp
     tok = dataclasses.replace(describe_files(files, memo=cached), folder=tmp)
     load = quick_load_file(files) if cached else files / "tokenizer.json"
+    if tok.bos_id is None or tok.eos_id is None:  # every story is stored as BOS + text + EOS
+        raise DataError(f"the tokenizer in {files} has no BOS or EOS token", "use `mistral` or `bpe:N`")
     packer.start(load, tok.bos_id, tok.eos_id, tok.dtype, tok.chunking, processes)
     if cached:  # (while the workers load the tokenizer)
         for name in TOKENIZER_FILES:

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -132,7 +132,8 @@ def torch_scorer(model: PreTrainedModel, eos_id: int | None) -> Scorer:
     def greedy(ids: list[int], n: int, stop: bool) -> list[int]:
         gc = GenerationConfig(do_sample=False, max_new_tokens=n, min_new_tokens=0 if stop else n,
                               eos_token_id=eos_id, pad_token_id=eos_id)
-        out = model.generate(torch.tensor([ids], device=device), generation_config=gc)
+        generate = cast(Any, model).generate  # typed as a tensor attribute by transformers' stubs
+        out = generate(torch.tensor([ids], device=device), generation_config=gc)
         return out[0, len(ids):].tolist()
     return Scorer(forward, greedy)
 
@@ -240,7 +241,8 @@ def format_table(rows: list[Row]) -> str:
              "|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         size = f"{r.size_bytes / 1e6:.2f} | {100 * r.size_bytes / base.size_bytes:.0f}%"
-        bpb = "n/a | n/a" if r.bpb is None else f"{r.bpb:.4f} | {100 * (r.bpb / base.bpb - 1):+.2f}%"
+        bpb = ("n/a | n/a" if r.bpb is None or not base.bpb
+               else f"{r.bpb:.4f} | {100 * (r.bpb / base.bpb - 1):+.2f}%")
         speed = "n/a | n/a" if r.tok_s is None else f"{r.tok_s:.1f} | {r.tok_s / base.tok_s:.2f}x" if base.tok_s \
             else f"{r.tok_s:.1f} | n/a"
         greedy = "n/a" if r.greedy_match is None else f"{r.greedy_match}/{r.greedy_len}"

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from tinystory.errors import SettingsError, TinystoryError
 from tinystory.settings import SAMPLING_KEYS
+from tinystory.tokenizer import decode
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -175,4 +176,4 @@ class HFTokenizerMixin:
         return self.tokenizer.encode(text, add_special_tokens=False) if text else []
 
     def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return decode(self.tokenizer, ids)

@@ -33,7 +33,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 from tinystory.console import console, warn
 from tinystory.errors import TinystoryError
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from fastapi import FastAPI, Request
 
     from tinystory.generation import Generator
-    from tinystory.sampling import GenerationStats, SamplingParams
+    from tinystory.sampling import GenerationStats
 
 MAX_WAITING = 32  # queued requests beyond this get 429: a story takes seconds on a CPU
 MAX_BODY_BYTES = 1 << 20
@@ -99,7 +99,12 @@ def _number(body: dict, key: str, default: float, lo: float, hi: float, lo_open:
     return float(value)
 
 
+@overload
+def _integer(body: dict, key: str, default: int, lo: int, hi: float = ...) -> int: ...
+@overload
+def _integer(body: dict, key: str, default: int | None, lo: int, hi: float = ...) -> int | None: ...
 def _integer(body: dict, key: str, default: int | None, lo: int, hi: float = math.inf) -> int | None:
+    """body[key] as an integer in [lo, hi], `default` when it is missing or null."""
     value = body.get(key)
     if value is None:
         return default
@@ -142,8 +147,9 @@ def _stop(body: dict) -> tuple[str, ...]:
 
 def _unsupported(body: dict) -> None:
     """Refuse OpenAI options we do not implement, rather than silently ignoring them."""
-    neutral = {"n": (None, 1), "best_of": (None, 1), "logprobs": (None,), "suffix": (None, ""),
-               "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "logit_bias": (None, {})}
+    neutral: dict[str, tuple[Any, ...]] = {
+        "n": (None, 1), "best_of": (None, 1), "logprobs": (None,), "suffix": (None, ""),
+        "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "logit_bias": (None, {})}
     for key, ok in neutral.items():
         if key in body and body[key] not in ok:
             raise BadRequest(f"{key}={json.dumps(body[key])} is not supported by tinystory serve", param=key)

@@ -27,7 +27,7 @@ from tinystory.errors import SettingsError
 try:  # Python 3.11+
     import tomllib
 except ModuleNotFoundError:  # pragma: no cover - Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
+    import tomli as tomllib
 
 
 def setting(default: Any, why: str, choices: tuple[str, ...] | None = None) -> Any:

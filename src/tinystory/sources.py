@@ -16,6 +16,7 @@ or become U+FFFD and are counted (`errors="replace"`).
 
 from __future__ import annotations
 
+import builtins
 import glob
 import gzip
 import hashlib
@@ -61,11 +62,11 @@ class Source:
     def gz(self) -> bool:
         return self.label.endswith(".gz")
 
-    def open(self) -> IO[bytes]:
+    def open(self) -> IO[builtins.bytes]:
         raw = self._raw()
         return gzip.open(raw) if self.gz else raw  # type: ignore[return-value]
 
-    def _raw(self) -> IO[bytes]:
+    def _raw(self) -> IO[builtins.bytes]:
         return self.resource.open("rb") if self.resource is not None else open(self.path, "rb")  # type: ignore[arg-type]
 
     def digest(self) -> None:
@@ -313,7 +314,7 @@ def pin_revision(src: Source) -> None:
     from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
     try:
-        src.commit = HfApi().dataset_info(src.hub_id, revision=src.revision).sha or ""
+        src.commit = HfApi().dataset_info(str(src.hub_id), revision=src.revision).sha or ""
     except RevisionNotFoundError:
         raise DataError(f"dataset {src.hub_id} has no revision {src.revision!r}",
                         "pass --revision with a branch, tag or commit of the dataset") from None

@@ -27,7 +27,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from tinystory.errors import SettingsError, TinystoryError
 
@@ -249,6 +249,11 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     if not (path / "tokenizer.json").is_file():
         raise TinystoryError(f"no tokenizer in {path} (tokenizer.json is missing)", "prepare or train again")
     return AutoTokenizer.from_pretrained(str(path))
+
+
+def decode(tokenizer: PreTrainedTokenizerBase, ids: Iterable[int]) -> str:
+    """The text of `ids`, special tokens left out (`tokenizer.decode` of one sequence)."""
+    return cast(str, tokenizer.decode(list(ids), skip_special_tokens=True))
 
 
 def fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:

@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -67,19 +67,20 @@ class StoryTrainer(Trainer):
         self._loss_sum = None
         if compile_loss:
             mode = None if compile_loss == "default" else compile_loss
-            self._loss_sum = torch.compile(functools.partial(summed_loss, self.model), mode=mode)
+            model = cast(PreTrainedModel, self.model)
+            self._loss_sum = torch.compile(functools.partial(summed_loss, model), mode=mode)
         self._bad = torch.zeros((), dtype=torch.int64, device=self.args.device)
         self._n = 0
 
-    def _get_train_sampler(self, train_dataset=None):  # type: ignore[no-untyped-def]
+    def _get_train_sampler(self, train_dataset=None):
         return SeededOrder(len(train_dataset or self.train_dataset), self.args.seed)
 
-    def create_scheduler(self, num_training_steps, optimizer=None):  # type: ignore[no-untyped-def]
+    def create_scheduler(self, num_training_steps, optimizer=None):
         if self.lr_scheduler is None:
             self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, self.status.schedule)
         return self.lr_scheduler
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[no-untyped-def]
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self._loss_sum is None or return_outputs or not model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         labels = inputs["labels"]
@@ -89,7 +90,7 @@ class StoryTrainer(Trainer):
             num_items_in_batch = (labels[..., 1:] != -100).sum()
         return total / num_items_in_batch
 
-    def _get_num_items_in_batch(self, batch_samples, device):  # type: ignore[no-untyped-def]
+    def _get_num_items_in_batch(self, batch_samples, device):
         if self.args.world_size > 1:
             return super()._get_num_items_in_batch(batch_samples, device)
         # counted on the CPU and kept a Python int: moving it to the GPU would be a blocking
@@ -97,7 +98,7 @@ class StoryTrainer(Trainer):
         n = super()._get_num_items_in_batch(batch_samples, torch.device("cpu"))
         return int(n) if n is not None else None
 
-    def training_step(self, model, inputs, num_items_in_batch=None):  # type: ignore[no-untyped-def]
+    def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
         self._bad += (~torch.isfinite(loss.detach())).long()
         self._n += 1
@@ -114,7 +115,7 @@ class StoryTrainer(Trainer):
                 status.nonfinite_steps = 0
         return loss
 
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):  # type: ignore[no-untyped-def]
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         t0 = time.monotonic()
         sums = score_stream(self.model, self.val, self.status.block_size, self.args.per_device_eval_batch_size,
                             self.byte_lengths, self.args.device, what=None)  # inside the live display

@@ -21,7 +21,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from matplotlib.figure import Figure
@@ -248,7 +248,8 @@ def train(settings: Settings, *, resume: bool = False, init_from: str | None = N
     Ctrl-C saves a checkpoint and raises KeyboardInterrupt; divergence raises TrainingError.
     """
     if dry_run:
-        return _dry_run(settings)
+        _dry_run(settings)
+        return None
     device = pick_device()
     if settings.train.precision == "fp16" and device != "cuda":
         raise fp16_needs_cuda()  # before any data or model work
@@ -274,7 +275,7 @@ def train(settings: Settings, *, resume: bool = False, init_from: str | None = N
     data = _data(settings, recorded.get("data", {}).get("path"))
     tokenizer = data.tokenizer
     model = _build_model(settings, tokenizer, init_from if not ckpt else None, data)
-    model.to(device)
+    model.to(device)  # type: ignore[arg-type]  # transformers types .to() through a wrapper that mypy misreads
     if settings.train.attention != model.config._attn_implementation:
         model.set_attn_implementation(settings.train.attention)  # not saved: the run dir loads with sdpa
     prec = _precision(settings, model, device, recorded)
@@ -356,8 +357,8 @@ def _callbacks(trainer: StoryTrainer, status: RunStatus, settings: Settings,
     stop = StopControl(status)
     display = Display(lambda: status.schedule.total,
                       time_left=lambda: status.budget_s - status.wall() if status.budget_s else None)
-    for cb in (Metrics(status, display), stop, CheckpointMarker(status)):
-        trainer.add_callback(cb)
+    for ours in (Metrics(status, display), stop, CheckpointMarker(status)):
+        trainer.add_callback(ours)
     if wandb:
         trainer.add_callback(WandbInfo())
     early = None
@@ -414,7 +415,7 @@ def _after_training(job: TrainingRun, trainer: StoryTrainer, status: RunStatus, 
     if not status.interrupted and status.last_eval.get("step") != state.global_step:
         trainer.evaluate()  # the final model gets a number even between eval steps
     if job.is_main:
-        finalize(job, trainer.model, status)
+        finalize(job, cast(PreTrainedModel, trainer.model), status)
         info = write_run_json(job, status, state, status.stopped_because)
         plot(job.run_dir)
         console.info(f"trained {info['steps']} steps, {info['tokens_seen']:,} tokens in {info['wall_time_s']:.0f} s "

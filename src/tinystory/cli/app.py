@@ -99,7 +99,7 @@ def _fail(message: str, code: int) -> None:
     raise SystemExit(code)
 
 
-def _click_exceptions():  # type: ignore[no-untyped-def]
+def _click_exceptions():
     """Click's exception classes (typer 0.29 vendors click as `typer._click`)."""
     try:
         from typer._click import exceptions

@@ -64,7 +64,7 @@ def eval_(
     from tinystory.evaluation import evaluate, parse_metrics, table
 
     names = parse_metrics(settings.eval.metrics)  # a typo fails before any model loads
-    refs = [*(runs or []), *([run] if run else [])] or [None]  # --run as in the other commands
+    refs: list[str | None] = [*(runs or []), *([run] if run else [])] or [None]  # --run as in the other commands
     results = [evaluate(ref, settings, names) for ref in refs]
     if json_:
         import json

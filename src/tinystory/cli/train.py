@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -44,7 +44,7 @@ def train(
                                         ("--minutes", minutes)) if v is not None]
     if len(limits) > 1:
         raise typer.BadParameter(f"{limits[0][0]} and {limits[1][0]} cannot be used together")
-    flags = {
+    flags: dict[str, tuple[Any, str]] = {
         "train.data": (str(data) if data else None, "--data"),
         "train.out": (str(out) if out else None, "--out"),
         "train.precision": (precision, "--precision"),
