@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -29,89 +29,53 @@ class UsageError(TinystoryError):
     exit_code = 2
 
 
+def _sampling(*names: str, help: str) -> Any:
+    """A sampling option of `generate` (in its own help panel)."""
+    return typer.Option(*names, help=help, show_default=False, rich_help_panel=SAMPLING)
+
+
+PromptArg = Annotated[str | None, typer.Argument(
+    help="Beginning of the story. Without one, on a terminal: type beginnings until Ctrl-D.", show_default=False)]
+MaxNewOpt = Annotated[int | None, _sampling("--max-new-tokens", "-n", help="Token limit of a story (it stops "
+                                                                          "earlier at EOS).")]
+TemperatureOpt = Annotated[float | None, _sampling("--temperature", "-t", help="Sampling temperature (0 = greedy).")]
+TopKOpt = Annotated[int | None, _sampling("--top-k", help="Keep the k likeliest tokens (0 = off).")]
+TopPOpt = Annotated[float | None, _sampling("--top-p", help="Nucleus sampling (1.0 = off).")]
+PenaltyOpt = Annotated[float | None, _sampling("--repetition-penalty", help="Penalise repeated tokens (1.0 = off).")]
+SamplesOpt = Annotated[int | None, _sampling("--num-samples", help="Stories per prompt.")]
+GreedyOpt = Annotated[bool, typer.Option("--greedy", help="Always take the likeliest token (deterministic).",
+                                         rich_help_panel=SAMPLING)]
+PromptsFileOpt = Annotated[Path | None, typer.Option(
+    "--prompts-file", help="One prompt a line -> JSON Lines (prompt, story, settings, tokens).", show_default=False,
+    dir_okay=False)]
+OutOpt = Annotated[Path | None, typer.Option(
+    "--out", "-o", help="Write the JSON Lines here (atomically) instead of stdout.", show_default=False,
+    dir_okay=False)]
+AllowEmptyOpt = Annotated[bool, typer.Option("--allow-empty", help="Accept an empty prompt: the story starts from "
+                                             "nothing.")]
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu or cuda.", show_default=False)]
+DtypeOpt = Annotated[str | None, typer.Option("--dtype", help="auto, fp32, bf16 or fp16.", show_default=False)]
+ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="CPU threads (0 = the measured best).",
+                                                show_default=False)]
+
+
 def generate(
-    prompt: Annotated[
-        str | None,
-        typer.Argument(
-            help="Beginning of the story. Without one, on a terminal: type beginnings until Ctrl-D.", show_default=False
-        ),
-    ] = None,
+    prompt: PromptArg = None,
     run: RunArg = None,
-    max_new_tokens: Annotated[
-        int | None,
-        typer.Option(
-            "--max-new-tokens",
-            "-n",
-            help="Token limit of a story (it stops earlier at EOS).",
-            show_default=False,
-            rich_help_panel=SAMPLING,
-        ),
-    ] = None,
-    temperature: Annotated[
-        float | None,
-        typer.Option(
-            "--temperature",
-            "-t",
-            help="Sampling temperature (0 = greedy).",
-            show_default=False,
-            rich_help_panel=SAMPLING,
-        ),
-    ] = None,
-    top_k: Annotated[
-        int | None,
-        typer.Option(
-            "--top-k", help="Keep the k likeliest tokens (0 = off).", show_default=False, rich_help_panel=SAMPLING
-        ),
-    ] = None,
-    top_p: Annotated[
-        float | None,
-        typer.Option("--top-p", help="Nucleus sampling (1.0 = off).", show_default=False, rich_help_panel=SAMPLING),
-    ] = None,
-    repetition_penalty: Annotated[
-        float | None,
-        typer.Option(
-            "--repetition-penalty",
-            help="Penalise repeated tokens (1.0 = off).",
-            show_default=False,
-            rich_help_panel=SAMPLING,
-        ),
-    ] = None,
-    num_samples: Annotated[
-        int | None,
-        typer.Option("--num-samples", help="Stories per prompt.", show_default=False, rich_help_panel=SAMPLING),
-    ] = None,
+    max_new_tokens: MaxNewOpt = None,
+    temperature: TemperatureOpt = None,
+    top_k: TopKOpt = None,
+    top_p: TopPOpt = None,
+    repetition_penalty: PenaltyOpt = None,
+    num_samples: SamplesOpt = None,
     seed: SeedOpt = None,
-    greedy: Annotated[
-        bool,
-        typer.Option("--greedy", help="Always take the likeliest token (deterministic).", rich_help_panel=SAMPLING),
-    ] = False,
-    prompts_file: Annotated[
-        Path | None,
-        typer.Option(
-            "--prompts-file",
-            help="One prompt a line -> JSON Lines (prompt, story, settings, tokens).",
-            show_default=False,
-            dir_okay=False,
-        ),
-    ] = None,
-    out: Annotated[
-        Path | None,
-        typer.Option(
-            "--out",
-            "-o",
-            help="Write the JSON Lines here (atomically) instead of stdout.",
-            show_default=False,
-            dir_okay=False,
-        ),
-    ] = None,
-    allow_empty: Annotated[
-        bool, typer.Option("--allow-empty", help="Accept an empty prompt: the story starts from nothing.")
-    ] = False,
-    device: Annotated[str | None, typer.Option("--device", help="auto, cpu or cuda.", show_default=False)] = None,
-    dtype: Annotated[str | None, typer.Option("--dtype", help="auto, fp32, bf16 or fp16.", show_default=False)] = None,
-    threads: Annotated[
-        int | None, typer.Option("--threads", help="CPU threads (0 = the measured best).", show_default=False)
-    ] = None,
+    greedy: GreedyOpt = False,
+    prompts_file: PromptsFileOpt = None,
+    out: OutOpt = None,
+    allow_empty: AllowEmptyOpt = False,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    threads: ThreadsOpt = None,
     profile: ProfileOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
