@@ -21,6 +21,7 @@ from tinystory.errors import DataError, SettingsError
 from tinystory.evaluation import METRICS, continue_prompts, evaluate, parse_metrics, table, val_stories
 from tinystory.scoring import score_stream
 from tinystory.settings import load_settings
+from tinystory.tokenizer import load_tokenizer
 
 runner = CliRunner()
 TEXT_KEYS = {*(f"distinct-{n}" for n in range(1, 5)), *(f"distinct-{n}-li" for n in range(1, 5)),
@@ -232,6 +233,77 @@ def test_cli_eval_writes_every_requested_metric(run):
     assert saved["counts"]["tokens"] == 2048 // 64 * 63
     assert saved["settings"]["num_samples"] == 4 and saved["settings"]["max_tokens"] == 2048
     assert saved["run"] == str(run.resolve()) and saved["tinystory_version"]
+
+
+def test_bleu_scores_the_continuations_against_the_true_endings(run, tiny, monkeypatch):
+    # guards BLEU's references: a model that writes exactly the true second half of every
+    # story must score 100, and a model that writes another story's ending must score what
+    # sacrebleu gives for exactly those pairs (wrong or misaligned references would not)
+    import sacrebleu
+
+    from conftest import sample_stories
+    from tinystory import evaluation
+    from tinystory import metrics as M
+
+    stories = sample_stories("val", tiny.eval.num_samples)  # what `prepared` holds, in order
+    pairs = [M.split_prompt(story) for story in stories]  # (first half, true ending); unit-tested in test_metrics
+    truth_of = {" ".join(first.split()): truth for first, truth in pairs}
+    tok = load_tokenizer(run)
+
+    def ending(prompt_ids: list[int]) -> str:  # the true ending of the story a prompt was cut from
+        return truth_of[" ".join(tok.decode(prompt_ids, skip_special_tokens=True).split())]
+
+    truths = [truth for _, truth in pairs]
+    answers = {"echo": lambda ps: [(ending(p), True) for p in ps],
+               "shifted": lambda ps: [(ending(ps[(i + 1) % len(ps)]), True) for i in range(len(ps))]}
+    expected = {"echo": 100.0, "shifted": sacrebleu.corpus_bleu(truths[1:] + truths[:1], [truths]).score}
+    for name, answer in answers.items():
+        monkeypatch.setattr(evaluation, "continue_prompts", lambda m, t, prompts, ev, device, what="", a=answer:
+                            a(prompts))
+        r = evaluate(run, tiny, ["bleu"], save=False)
+        assert r["counts"]["bleu_prompts"] == len(stories)
+        assert r["metrics"]["bleu"] == pytest.approx(expected[name], abs=1e-9), name
+    assert expected["shifted"] < 20
+
+
+def test_reference_row_cuts_real_stories_at_the_sample_limit(run, tiny):
+    # guards the reference row (real validation stories) being cut to the same token limit
+    # as the samples: its length and its share of stories that ended are computed here on
+    # the first `num_samples` stories, cut at `max_new_tokens` tokens
+    from conftest import sample_stories
+    from tinystory import metrics as M
+
+    limit = 20
+    settings = tiny.replace(eval__max_new_tokens=limit)
+    r = evaluate(run, settings, ["length"], save=False)
+    tok = load_tokenizer(run)
+    ids = [tok(s, add_special_tokens=False)["input_ids"] for s in sample_stories("val", tiny.eval.num_samples)]
+    cut = [tok.decode(i[:limit], skip_special_tokens=True) for i in ids]
+    assert r["reference"]["length"] == pytest.approx(M.mean_words(cut))
+    assert r["reference"]["eos-share"] == pytest.approx(sum(len(i) < limit for i in ids) / len(ids))
+    whole = [tok.decode(i, skip_special_tokens=True) for i in ids]
+    assert M.mean_words(whole) > 2 * M.mean_words(cut)  # uncut stories would be far longer
+
+
+def test_side_by_side_columns_hold_each_runs_own_numbers(run, tiny, tmp_path):
+    # guards the table's columns: two runs with different weights must show different
+    # numbers, each in its own column, in the order given (not the first run's everywhere)
+    from safetensors.torch import load_file, save_file
+
+    other = tmp_path / "other"
+    shutil.copytree(run, other)
+    weights = load_file(str(other / "model.safetensors"))
+    weights = {k: v * 0.5 if k.endswith("embed_tokens.weight") else v for k, v in weights.items()}
+    save_file(weights, str(other / "model.safetensors"), metadata={"format": "pt"})
+    results = [evaluate(path, tiny, ["loss"], save=False) for path in (run, other)]
+    losses = [f"{res['metrics']['loss']:.4f}" for res in results]
+    assert losses[0] != losses[1]
+    r = runner.invoke(app, ["eval", str(run), str(other), "-p", "tiny", "-m", "loss", "--json"])
+    assert r.exit_code == 0, r.output
+    assert [x["metrics"]["loss"] for x in json.loads(r.stdout)["runs"]] == [x["metrics"]["loss"] for x in results]
+    r = runner.invoke(app, ["eval", str(other), str(run), "-p", "tiny", "-m", "loss"])
+    row = next(line for line in r.stdout.splitlines() if line.lstrip("│ ").startswith("loss (nats/token)"))
+    assert row.index(losses[1]) < row.index(losses[0])  # columns in the order the runs were given
 
 
 def test_cli_table_shows_runs_side_by_side(run, tmp_path):

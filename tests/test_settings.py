@@ -38,7 +38,11 @@ def test_profile_from_env_and_config(tmp_path):
     assert load_settings(profile="cpu", config=cfg, env={"TINYSTORY_PROFILE": "tiny"}).profile == "cpu"
 
 
-def test_auto_profile_is_cpu_without_cuda():
+def test_auto_profile_is_cpu_without_cuda(monkeypatch):
+    # no NVIDIA driver (mocked, so the test holds on a GPU machine too): the cpu profile
+    from tinystory import settings as S
+
+    monkeypatch.setattr(S, "nvidia_driver_present", lambda: False)
     assert load_settings(profile="auto", env={}).profile == "cpu"
 
 

@@ -215,11 +215,19 @@ def test_bad_data_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
 
 
 def test_length_flags_are_exclusive(capsys: pytest.CaptureFixture) -> None:
+    # guards the usage error naming the two flags (not a bare exit 2), and the help text
+    # saying what the code does (it refuses two lengths; it does not clear the others)
     from tinystory.cli.app import main
 
     with pytest.raises(SystemExit) as e:
         main(["train", "--max-steps", "3", "--minutes", "1"])
     assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--max-steps and --minutes cannot be used together" in err
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "Length (pick at most one)" in out and "cleared" not in out
 
 
 def test_init_from_needs_the_same_tokenizer(random_run: Path, tmp_path: Path, capsys) -> None:

@@ -10,7 +10,7 @@ import typer
 from tinystory.cli.options import ConfigOpt, PrintSettingsOpt, ProfileOpt, SetOpt, resolve
 from tinystory.settings import PRECISIONS
 
-LIMITS = "Length (pick one; the others are cleared)"
+LIMITS = "Length (pick at most one)"
 
 
 def train(
