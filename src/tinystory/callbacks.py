@@ -20,7 +20,8 @@ import torch.distributed as dist
 from transformers import EarlyStoppingCallback, TrainerCallback
 
 from tinystory import console
-from tinystory.runs import COMPLETE
+from tinystory.paths import write_atomic
+from tinystory.runs import COMPLETE, rotate_checkpoints
 
 NONFINITE_PATIENCE = 10  # optimizer steps in a row with a NaN/inf loss before we stop
 
@@ -221,14 +222,18 @@ class StopControl(TrainerCallback):
 
 
 class CheckpointMarker(TrainerCallback):
-    """Writes `complete.json` into a checkpoint after every file of it is on disk.
+    """Writes `complete.json` into a checkpoint after every file of it is on disk, and only
+    then removes the oldest complete checkpoints beyond `keep` (and any that never got
+    their marker).
 
-    `latest_checkpoint` only picks checkpoints that have it, so a crash in the middle of a
-    save never leaves something `--resume` would load.
+    `latest_checkpoint` only picks checkpoints that have the marker, so a crash in the
+    middle of a save never leaves something `--resume` would load. The Trainer's own
+    rotation (`save_total_limit`) is off: it deletes old checkpoints before this callback
+    runs, so a crash between the two could leave none to resume (with keep = 1).
     """
 
-    def __init__(self, status: RunStatus) -> None:
-        self.status = status
+    def __init__(self, status: RunStatus, keep: int) -> None:
+        self.status, self.keep = status, keep
 
     def on_save(self, args, state, control, **kw):
         if self.status.world_size > 1:
@@ -236,9 +241,9 @@ class CheckpointMarker(TrainerCallback):
         if self.status.is_main:
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if ckpt.is_dir():
-                tmp = ckpt / (COMPLETE + ".tmp")
-                tmp.write_text(json.dumps({"step": state.global_step, "wall_time_s": self.status.wall()}))
-                tmp.replace(ckpt / COMPLETE)
+                marker = {"step": state.global_step, "wall_time_s": self.status.wall()}
+                write_atomic(ckpt / COMPLETE, json.dumps(marker))
+                rotate_checkpoints(Path(args.output_dir), self.keep)
 
 
 class WandbInfo(TrainerCallback):

@@ -6,6 +6,9 @@ Anything else is a bug and shows its traceback only with TINYSTORY_DEBUG=1.
 
 from __future__ import annotations
 
+import errno
+import re
+
 
 class TinystoryError(Exception):
     """A problem the user can fix; `hint` says how."""
@@ -47,3 +50,26 @@ class QuantizationError(TinystoryError):
 
 class HubError(TinystoryError):
     """Publishing to the Hub failed (token, permission, repo id, network)."""
+
+
+# A full disk, as the OS (ENOSPC, EDQUOT; EFBIG past a file-size limit) and the libraries
+# that write for us (safetensors, torch.save) word it.
+DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
+DISK_FULL_WORDS = ("No space left on device", "File too large", "Disk quota exceeded", "os error 28", "os error 27",
+                   "StorageFull", "PytorchStreamWriter failed writing file")
+SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")  # Python's buffered writer, when the disk filled
+
+
+def disk_full(error: BaseException) -> str | None:
+    """One line for an error that a full disk caused (anywhere in its chain), else None."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in DISK_FULL_ERRNOS:
+            where = f" while writing {current.filename}" if current.filename else ""
+            return f"the disk is full{where} ({current.strerror})"
+        if any(word in str(current) for word in DISK_FULL_WORDS) or SHORT_WRITE.search(str(current)):
+            return "the disk is full (a write failed: " + str(current).strip().splitlines()[0][:160] + ")"
+        current = current.__cause__ or current.__context__
+    return None

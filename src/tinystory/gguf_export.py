@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +28,7 @@ import numpy as np
 from sentencepiece import SentencePieceProcessor
 
 from tinystory.errors import QuantizationError
+from tinystory.paths import atomic_path
 from tinystory.tokenizer import is_byte_level, load_mistral, mistral_model_file
 
 if TYPE_CHECKING:
@@ -178,21 +178,19 @@ def write_gguf(model: MistralForCausalLM, tok: PreTrainedTokenizerBase, path: st
         raise QuantizationError(f"GGUF export expects a GELU-tanh MLP, this model uses {act!r}",
                                 "export models built by tinystory's model factory")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    w = gguf.GGUFWriter(str(tmp), arch=ARCH)
-    try:
-        _add_hparams(w, cfg, name, qtype)
-        _add_tokenizer(w, tok, cfg.vocab_size)
-        for key, value in (extra or {}).items():
-            w.add_string(key, value)
-        for tname, array in gguf_tensors(model).items():
-            data, dtype = _encode(tname, array, qtype)
-            w.add_tensor(tname, data, raw_dtype=dtype)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-    finally:
-        w.close()
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:  # whole, or not at all (a full disk leaves nothing)
+        w = gguf.GGUFWriter(str(tmp), arch=ARCH)
+        try:
+            _add_hparams(w, cfg, name, qtype)
+            _add_tokenizer(w, tok, cfg.vocab_size)
+            for key, value in (extra or {}).items():
+                w.add_string(key, value)
+            for tname, array in gguf_tensors(model).items():
+                data, dtype = _encode(tname, array, qtype)
+                w.add_tensor(tname, data, raw_dtype=dtype)
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_tensors_to_file()
+        finally:
+            w.close()
     return path

@@ -44,7 +44,7 @@ from tinystory.errors import QuantizationError, TinystoryError
 from tinystory.gguf_export import write_gguf
 from tinystory.int8 import full_range_activations, load_int8, save_int8
 from tinystory.loading import GGUF_HINT, check_method, hardware, llama_cpp_available, load_gguf, pick_device, quiet_load
-from tinystory.paths import write_atomic
+from tinystory.paths import atomic_dir, write_atomic
 from tinystory.runs import MANIFEST, Run
 from tinystory.scoring import model_logits, score_blocks
 from tinystory.settings import Settings
@@ -311,33 +311,36 @@ def quantize(run: Path, settings: Settings, out: str | Path | None = None, val_t
     # shared CPUs, and the same count for torch and llama.cpp.
     threads = settings.generate.threads or 1
     info(escape(f"quantizing {run} with {q.method} -> {target}"))
-    quantized: Scorer | None = None
-    llm = None
-    if q.method == "int8":
-        save_int8(source, tok, target)
-        quantized = torch_scorer(load_int8(target)[0], tok.eos_token_id)  # measure what reloads
-    elif q.method.startswith("bnb-"):
-        model = save_bnb(run, q.method, target)
-        source = source.to(device=model.device, dtype=model.dtype)  # compare against fp16/bf16 on the GPU
-        quantized = torch_scorer(model, tok.eos_token_id)
-    else:
+    if q.method.startswith("gguf-"):  # one file, written whole (write_gguf), then its manifest
         write_gguf(source, tok, target, q.method[5:], name=run.name,
                    extra={"tinystory.source_run": str(run), "tinystory.method": q.method})
+        llm = None
         if llama_cpp_available():
             n_ctx = max(512, val.block_size, len(tok(q.prompt)["input_ids"]) + gen_tokens + 8)
             llm = load_gguf(target, n_ctx=n_ctx, threads=threads, logits_all=True)
-            quantized = llama_scorer(llm, tok.eos_token_id)
-    if target.is_dir():  # the run's settings and data record travel with the folder: eval finds both
-        for name in ("settings.toml", "run.json"):
+        torch.set_num_threads(threads)
+        try:
+            rows = compare(run, source, tok, target, llama_scorer(llm, tok.eos_token_id) if llm else None,
+                           settings, val, gen_tokens, reps)
+        finally:
+            if llm is not None:
+                llm.close()  # free llama.cpp's memory now, not at interpreter exit
+        _write_manifest(run, target, target, settings, rows, val, gen_tokens)
+        return target, rows
+    with atomic_dir(target) as folder:  # a folder: made aside, renamed into place when complete
+        if q.method == "int8":
+            save_int8(source, tok, folder)
+            quantized = torch_scorer(load_int8(folder)[0], tok.eos_token_id)  # measure what reloads
+        else:
+            model = save_bnb(run, q.method, folder)
+            source = source.to(device=model.device, dtype=model.dtype)  # compare against fp16/bf16 on the GPU
+            quantized = torch_scorer(model, tok.eos_token_id)
+        for name in ("settings.toml", "run.json"):  # they travel with the folder: eval finds both
             if (run / name).is_file():
-                shutil.copy2(run / name, target / name)
-    torch.set_num_threads(threads)
-    try:
-        rows = compare(run, source, tok, target, quantized, settings, val, gen_tokens, reps)
-    finally:
-        if llm is not None:
-            llm.close()  # free llama.cpp's memory now, not at interpreter exit
-    _write_manifest(run, target, settings, rows, val, gen_tokens)
+                shutil.copy2(run / name, folder / name)
+        torch.set_num_threads(threads)
+        rows = compare(run, source, tok, folder, quantized, settings, val, gen_tokens, reps)
+        _write_manifest(run, target, folder, settings, rows, val, gen_tokens)
     return target, rows
 
 
@@ -361,8 +364,10 @@ def compare(run: Path, source: PreTrainedModel, tok: PreTrainedTokenizerBase, ta
     return [ref, row]
 
 
-def _write_manifest(run: Path, target: Path, settings: Settings, rows: list[Row], val: ValData,
+def _write_manifest(run: Path, target: Path, written: Path, settings: Settings, rows: list[Row], val: ValData,
                     gen_tokens: int) -> None:
+    """quantization.json into the folder `written` (to become `target`), or the `<name>.json`
+    beside a .gguf file."""
     method = settings.quantize.method
     window = None
     cfg = run / "config.json"
@@ -376,7 +381,7 @@ def _write_manifest(run: Path, target: Path, settings: Settings, rows: list[Row]
         "settings": dataclasses.asdict(settings.quantize),
         "source_run": str(run),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "files": [target.name] if target.is_file() else sorted(p.name for p in target.iterdir()),
+        "files": [target.name] if written.is_file() else sorted([*(p.name for p in written.iterdir()), MANIFEST]),
         "load": load,
         "comparison": {
             "device": hardware(pick_device()),
@@ -392,5 +397,5 @@ def _write_manifest(run: Path, target: Path, settings: Settings, rows: list[Row]
             "table": format_table(rows),
         },
     }
-    f = target.with_suffix(".json") if target.suffix == ".gguf" else target / MANIFEST
+    f = written.with_suffix(".json") if written.suffix == ".gguf" else written / MANIFEST
     write_atomic(f, json.dumps(manifest, indent=2) + "\n")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -61,6 +62,16 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
         return None
     found = [p for p in root.glob("checkpoint-*") if (p / COMPLETE).is_file() and p.name[11:].isdigit()]
     return max(found, key=lambda p: int(p.name[11:]), default=None)
+
+
+def rotate_checkpoints(root: Path, keep: int) -> None:
+    """Remove the checkpoints under `root` that never got their completion marker (a crash
+    in a save; nothing reads them) and the oldest complete ones beyond `keep` (0 = all)."""
+    found = [p for p in root.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()]
+    complete = sorted((p for p in found if (p / COMPLETE).is_file()), key=lambda p: int(p.name[11:]))
+    old = complete[:-keep] if keep > 0 else []
+    for p in [p for p in found if p not in complete] + old:
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -196,7 +196,7 @@ def training_args(settings: Settings, run_dir: Path, prec: Precision, device: st
             greater_is_better=False,
             save_strategy="steps",
             save_steps=t.save_every,
-            save_total_limit=t.keep_checkpoints,
+            save_total_limit=None,  # CheckpointMarker rotates, after the new checkpoint is complete
             logging_strategy="steps",
             logging_steps=t.log_every,
             logging_nan_inf_filter=False,  # we want to see a NaN, not have it averaged away

@@ -55,7 +55,7 @@ from tinystory.paths import atomic_path, runs_dir, write_atomic
 from tinystory.precision import Precision, fp16_needs_cuda, peak_flops, probe, resolve
 from tinystory.prepare import prepare
 from tinystory.progress import Display
-from tinystory.runs import RUN_JSON, Run, latest_checkpoint, read_json
+from tinystory.runs import RUN_JSON, Run, latest_checkpoint, read_json, rotate_checkpoints
 from tinystory.settings import Settings, to_toml
 from tinystory.tokenizer import fingerprint, load_tokenizer, parse_spec, token_byte_lengths
 from tinystory.trainer import StoryTrainer, compile_ok, training_args
@@ -266,6 +266,8 @@ def train(settings: Settings, *, resume: bool = False, init_from: str | None = N
                                 "train it again without --resume")
         recorded = read_json(run_dir / RUN_JSON)
         settings = _resumed_settings(run_dir, settings)
+        if rank == 0:  # what a crash in a save left: never resumed from, and in the way of the next save
+            rotate_checkpoints(run_dir / "checkpoints", 0)
     else:
         run_dir = Path(distributed.shared(str(_new_run_dir(settings))))
         if latest_checkpoint(run_dir) is not None:
@@ -344,6 +346,8 @@ def _train(job: TrainingRun) -> Path:
             stop.restore()
         return _after_training(job, trainer, status, early)
     finally:
+        if job.is_main:  # a save that failed (a full disk) leaves no half checkpoint behind
+            rotate_checkpoints(job.run_dir / "checkpoints", 0)
         if report_to:
             _end_wandb()
 
@@ -357,7 +361,7 @@ def _callbacks(trainer: StoryTrainer, status: RunStatus, settings: Settings,
     stop = StopControl(status)
     display = Display(lambda: status.schedule.total,
                       time_left=lambda: status.budget_s - status.wall() if status.budget_s else None)
-    for ours in (Metrics(status, display), stop, CheckpointMarker(status)):
+    for ours in (Metrics(status, display), stop, CheckpointMarker(status, t.keep_checkpoints)):
         trainer.add_callback(ours)
     if wandb:
         trainer.add_callback(WandbInfo())

@@ -162,9 +162,15 @@ def main(argv: list[str] | None = None) -> None:
         raise
     except BrokenPipeError:  # `tinystory generate ... | head`
         raise SystemExit(0) from None
-    except Exception as e:  # a bug: one line unless debugging
+    except Exception as e:  # a full disk, else a bug: one line unless debugging
         if debug:
             raise
         from rich.markup import escape
 
+        from tinystory.errors import disk_full
+
+        full = disk_full(e)
+        if full:
+            _fail(escape(f"{full} (free some space, or write elsewhere: --out, TINYSTORY_CACHE_DIR, "
+                         "TINYSTORY_RUNS_DIR)"), 1)
         _fail(escape(f"{type(e).__name__}: {e} (set TINYSTORY_DEBUG=1 for the traceback)"), 1)
