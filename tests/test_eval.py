@@ -240,8 +240,8 @@ def test_bleu_scores_the_continuations_against_the_true_endings(run, tiny, monke
     # story must score 100, and a model that writes another story's ending must score what
     # sacrebleu gives for exactly those pairs (wrong or misaligned references would not)
     import sacrebleu
-
     from conftest import sample_stories
+
     from tinystory import evaluation
     from tinystory import metrics as M
 
@@ -271,6 +271,7 @@ def test_reference_row_cuts_real_stories_at_the_sample_limit(run, tiny):
     # as the samples: its length and its share of stories that ended are computed here on
     # the first `num_samples` stories, cut at `max_new_tokens` tokens
     from conftest import sample_stories
+
     from tinystory import metrics as M
 
     limit = 20
