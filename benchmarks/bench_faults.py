@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from _common import cpu_id, cpu_name  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
+from _common import cpu_id, cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the stand-in Hub of the push tests

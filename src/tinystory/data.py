@@ -42,6 +42,18 @@ class PreparedData:
     def tokenizer(self) -> PreTrainedTokenizerBase:
         return load_tokenizer(self.path)
 
+    def check_ids(self, split: str, vocab_size: int, tokens: np.ndarray | None = None) -> None:
+        """DataError unless every token id of `split` (or of `tokens` cut from it) is below
+        `vocab_size`: a garbled .bin file, or one made with another tokenizer."""
+        import numpy as np
+
+        ids = self.tokens(split) if tokens is None else tokens
+        top = int(np.max(ids)) if len(ids) else 0
+        if top >= vocab_size:
+            raise DataError(f"{self.path / (split + '.bin')} holds token id {top}, beyond the tokenizer's "
+                            f"{vocab_size:,}: the file is damaged or was made with another tokenizer",
+                            "prepare again with --force")
+
     @property
     def tokenizer_name(self) -> str:
         return self.meta["tokenizer"]["name"]
@@ -82,11 +94,12 @@ class BlockDataset:
     the model shifts labels itself. The ragged tail (< T tokens) is dropped.
     """
 
-    def __init__(self, tokens: np.ndarray, block_size: int, limit_tokens: int = 0) -> None:
+    def __init__(self, tokens: np.ndarray, block_size: int, limit_tokens: int = 0, vocab_size: int = 0) -> None:
         if limit_tokens:
             tokens = tokens[:limit_tokens]
         self.tokens = tokens
         self.block_size = block_size
+        self.vocab_size = vocab_size  # > 0: every block is checked for ids beyond it (a damaged file)
         self.n_blocks = len(tokens) // block_size
         if self.n_blocks == 0:
             raise DataError(
@@ -105,4 +118,8 @@ class BlockDataset:
             raise IndexError(i)
         T = self.block_size
         block = torch.from_numpy(np.asarray(self.tokens[i * T : (i + 1) * T], dtype=np.int64))  # (T,)
+        if self.vocab_size and int(block.max()) >= self.vocab_size:
+            raise DataError(f"the training data holds token id {int(block.max())}, beyond the tokenizer's "
+                            f"{self.vocab_size:,}: the file is damaged or was made with another tokenizer",
+                            "prepare again with --force")
         return {"input_ids": block, "labels": block}

@@ -32,7 +32,7 @@ from tinystory.paths import atomic_path
 from tinystory.tokenizer import is_byte_level, load_mistral, mistral_model_file
 
 if TYPE_CHECKING:
-    from transformers import MistralForCausalLM, PreTrainedTokenizerBase
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 ARCH = "gemma"
 QTYPES = ("f32", "f16", "q8_0")
@@ -51,7 +51,7 @@ LAYER_NAMES = {
 }
 
 
-def gguf_tensors(model: MistralForCausalLM) -> dict[str, np.ndarray]:
+def gguf_tensors(model: PreTrainedModel) -> dict[str, np.ndarray]:
     """llama.cpp name -> fp32 array (PyTorch (out, in) order), with gemma's two folds."""
 
     cfg = model.config
@@ -163,7 +163,7 @@ def _add_hparams(w: Any, cfg: Any, name: str, qtype: str) -> None:
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def write_gguf(model: MistralForCausalLM, tok: PreTrainedTokenizerBase, path: str | Path, qtype: str = "q8_0",
+def write_gguf(model: PreTrainedModel, tok: PreTrainedTokenizerBase, path: str | Path, qtype: str = "q8_0",
                name: str = "tinystory", extra: dict[str, str] | None = None) -> Path:
     """Write `model` + `tok` as a GGUF file (qtype f32, f16 or q8_0), atomically; returns the path.
 

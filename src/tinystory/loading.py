@@ -20,13 +20,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from tinystory.errors import QuantizationError, RunError, SettingsError
 from tinystory.int8 import load_int8
 from tinystory.model import count_parameters
-from tinystory.runs import Run
+from tinystory.runs import Run, read_json
 from tinystory.tokenizer import load_tokenizer
 
 T = TypeVar("T")
@@ -180,10 +181,21 @@ def quiet_load(load: Callable[[], T]) -> T:
             logging.getLogger(name).setLevel(level)
 
 
+def refuse_remote_code(folder: Path) -> None:
+    """Refuse a model or tokenizer folder whose config asks for code of its own (`auto_map`):
+    tinystory never runs it (transformers would ignore it without trust_remote_code, and
+    would then load something other than what the folder describes)."""
+    for name in ("config.json", "tokenizer_config.json"):
+        if "auto_map" in read_json(folder / name):
+            raise RunError(f"{folder / name} asks for remote code (auto_map), which tinystory never runs",
+                           "use a model that tinystory or plain transformers wrote")
+
+
 def find_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     """The tokenizer of a model folder, or of the run dir above a checkpoint."""
     for folder in (path, path.parent, path.parent.parent):
         if (folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file():
+            refuse_remote_code(folder)
             return AutoTokenizer.from_pretrained(str(folder))
     raise RunError(f"no tokenizer for {path} (tokenizer.json is missing)",
                    "pass the run dir, which holds the tokenizer")
@@ -200,6 +212,15 @@ def load_model(run: Run, device: str = "auto", dtype: str = "fp32") -> tuple[Pre
     if run.is_gguf:
         raise RunError(f"{run.path.name} is a GGUF file, which only llama.cpp runs",
                        "pass the run dir (or an int8 folder) instead; quantize reports the GGUF's bpb")
+    refuse_remote_code(run.path)
+    try:
+        return _load(run, device, dtype)
+    except SafetensorError as e:  # a truncated or garbled weights file
+        raise RunError(f"the weights in {run.path} cannot be read ({str(e).strip()[:120]})",
+                       "the file is damaged: train or quantize again, or restore it") from None
+
+
+def _load(run: Run, device: str, dtype: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     if run.is_quantized:
         method = run.manifest.get("method", "int8")
         if method == "int8":

@@ -43,7 +43,16 @@ from tinystory.console import info
 from tinystory.errors import QuantizationError, TinystoryError
 from tinystory.gguf_export import write_gguf
 from tinystory.int8 import full_range_activations, load_int8, save_int8
-from tinystory.loading import GGUF_HINT, check_method, hardware, llama_cpp_available, load_gguf, pick_device, quiet_load
+from tinystory.loading import (
+    GGUF_HINT,
+    check_method,
+    hardware,
+    llama_cpp_available,
+    load_gguf,
+    load_model,
+    pick_device,
+    quiet_load,
+)
 from tinystory.paths import atomic_dir, write_atomic
 from tinystory.runs import MANIFEST, Run
 from tinystory.scoring import model_logits, score_blocks
@@ -305,7 +314,7 @@ def quantize(run: Path, settings: Settings, out: str | Path | None = None, val_t
         raise QuantizationError(f"{run} is not an unquantized run dir", "pass the run dir that training wrote")
     target = _output(run, q.method, out or q.out or None)
     tok = load_tokenizer(run)
-    source = quiet_load(lambda: AutoModelForCausalLM.from_pretrained(run, dtype=torch.float32)).eval()
+    source = load_model(Run(run), "cpu", "fp32")[0]  # the checks of every load: no remote code, damaged weights
     val = val_data(run, source, tok, settings, val_tokens or q.val_tokens)
     # One thread unless generate.threads says otherwise: the steadiest decoding timing on small
     # shared CPUs, and the same count for torch and llama.cpp.
@@ -333,7 +342,8 @@ def quantize(run: Path, settings: Settings, out: str | Path | None = None, val_t
             quantized = torch_scorer(load_int8(folder)[0], tok.eos_token_id)  # measure what reloads
         else:
             model = save_bnb(run, q.method, folder)
-            source = source.to(device=model.device, dtype=model.dtype)  # compare against fp16/bf16 on the GPU
+            # compare against fp16/bf16 on the GPU (`.to` is typed through a wrapper mypy misreads)
+            source = source.to(device=model.device, dtype=model.dtype)  # type: ignore[call-arg]
             quantized = torch_scorer(model, tok.eos_token_id)
         for name in ("settings.toml", "run.json"):  # they travel with the folder: eval finds both
             if (run / name).is_file():

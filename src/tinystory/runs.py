@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 
 from tinystory import paths
 from tinystory.data import PreparedData, open_prepared
@@ -122,12 +124,23 @@ class Run:
                 if path.suffix == ".gguf":
                     return cls(path)
                 raise RunError(f"{path} is a file, not a run dir", "pass the folder that holds config.json")
+            if path.parent.name == "checkpoints" and path.name.startswith("checkpoint-") and \
+                    not (path / COMPLETE).is_file():
+                raise RunError(f"checkpoint {path} is incomplete (it has no {COMPLETE}: its save did not finish)",
+                               "pass the run dir or another checkpoint")
             if has_model(path) or (path / MANIFEST).is_file():
                 return cls(path)
+            if (path / "config.json").is_file() and list(path.glob("*.bin")):
+                raise RunError(f"{path} holds pickle weights (.bin), which tinystory never loads",
+                               "convert them to model.safetensors with transformers (save_pretrained)")
             missing = "config.json" if not (path / "config.json").is_file() else "model.safetensors"
             raise RunError(f"{path} holds no trained model ({missing} is missing)",
                            "train first, or pass a run dir or one of its checkpoints")
         if HUB_ID.match(str(ref)) and not str(ref).startswith((".", "/", "~")):
+            try:
+                validate_repo_id(str(ref))  # no "..", "--" or other names the Hub refuses
+            except HFValidationError:
+                raise RunError(f"{ref} is not a valid Hub model id", "use owner/name, or a local run dir") from None
             return cls(download_run(str(ref)), local=False)
         raise RunError(f"run {ref} does not exist", "pass a run dir, a checkpoint, a .gguf file or a hub id")
 
@@ -226,6 +239,7 @@ class Run:
                 f"({data.tokenizer_sha256[:12]}), not the tokenizer of run {self.path.name} ({ours[:12]})",
                 "pass --data with the folder the run was trained on",
             )
+        data.check_ids("val", len(tokenizer))
         return data
 
     def block_size(self, default: int, limit: int | None = None) -> int:

@@ -126,6 +126,13 @@ def resolve(dataset: str, revision: str = "main") -> list[Source]:
             raise DataError(f"{path} is not a file type tinystory reads", TYPES_HINT)
         files = [path]
     elif HUB_ID.fullmatch(dataset) and not file_kind(dataset) and not dataset.startswith("."):
+        from huggingface_hub.errors import HFValidationError
+        from huggingface_hub.utils import validate_repo_id
+
+        try:
+            validate_repo_id(dataset)  # no "..", "--" or other names the Hub refuses
+        except HFValidationError:
+            raise DataError(f"{dataset} is not a valid Hub dataset id", "use owner/name, or a local path") from None
         return [Source("hub", dataset, "auto", hub_id=dataset, revision=revision or "main")]
     else:
         raise DataError(f"{dataset} does not exist", "check the path, or use --dataset sample (bundled stories)")

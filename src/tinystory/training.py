@@ -26,13 +26,7 @@ from typing import Any, cast
 import torch
 from matplotlib.figure import Figure
 from safetensors.torch import load_file
-from transformers import (
-    AutoModelForCausalLM,
-    GenerationConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    default_data_collator,
-)
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, default_data_collator
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.utils import logging as hf_logging
 
@@ -49,7 +43,7 @@ from tinystory.callbacks import (
 )
 from tinystory.data import BlockDataset, PreparedData, open_prepared
 from tinystory.errors import DataError, TrainingError
-from tinystory.loading import device_name, pick_device, quiet_load
+from tinystory.loading import device_name, load_model, pick_device
 from tinystory.model import build_config, build_model, count_parameters
 from tinystory.paths import atomic_path, runs_dir, write_atomic
 from tinystory.precision import Precision, fp16_needs_cuda, peak_flops, probe, resolve
@@ -115,7 +109,11 @@ def _data(settings: Settings, recorded: str | None) -> PreparedData:
                          f"{settings.data.tokenizer} first (train.auto_prepare)")
             path = str(prepare(settings))
         path = distributed.shared(path)
-    return open_prepared(path)
+    data = open_prepared(path)
+    if fingerprint(data.tokenizer) != data.tokenizer_sha256:
+        raise DataError(f"the tokenizer files in {data.path} are not the tokenizer its tokens were made with",
+                        "prepare again with --force")
+    return data
 
 
 # ---------------------------------------------------------------------------- model
@@ -155,7 +153,7 @@ def _load_init(ref: str, data: PreparedData) -> PreTrainedModel:
             f"{data.tokenizer_name} ({data.tokenizer_sha256[:12]})",
             "prepare the data with the run's tokenizer (copy its tokenizer files) or train from scratch")
     console.info(f"starting from the weights of {run.path}")
-    return quiet_load(lambda: AutoModelForCausalLM.from_pretrained(str(run.path)))
+    return load_model(run, "cpu", "fp32")[0]  # the checks of every load: no remote code, damaged weights
 
 
 # ------------------------------------------------------------------------ precision
@@ -307,8 +305,10 @@ def _train(job: TrainingRun) -> Path:
     if t.block_size > model.config.max_position_embeddings:
         raise TrainingError(f"train.block_size {t.block_size} is longer than the model's "
                             f"{model.config.max_position_embeddings} positions", "lower train.block_size")
-    train_ds = BlockDataset(job.data.tokens("train"), t.block_size)
+    vocab = len(job.tokenizer)
+    train_ds = BlockDataset(job.data.tokens("train"), t.block_size, vocab_size=vocab)
     val = job.data.tokens("val")[: t.eval_tokens]
+    job.data.check_ids("val", vocab, val)
     if len(val) < t.block_size:
         raise DataError(f"val.bin of {job.data.path} holds {len(val)} tokens, less than one block of "
                         f"{t.block_size}", "prepare with a larger validation share, or lower train.block_size")
