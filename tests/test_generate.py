@@ -222,6 +222,7 @@ def test_checkpoint_finds_the_tokenizer_of_its_run(trained_run: Path, tmp_path: 
     ckpt.mkdir(parents=True)
     for f in ("config.json", "model.safetensors", "generation_config.json"):
         shutil.copy(trained_run / f, ckpt / f)
+    (ckpt / "complete.json").write_text("{}")  # the marker a finished save leaves
     for f in trained_run.glob("tokenizer*"):
         shutil.copy(f, tmp_path / "run" / f.name)
     gen = Generator.load(ckpt)

@@ -10,11 +10,14 @@ name the hardware.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib.util
 import logging
 import os
 import platform
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -40,49 +43,89 @@ GGUF_HINT = "pip install 'tinystory-llm[gguf]' (builds llama-cpp-python, a few m
 # ------------------------------------------------------------------------- device
 
 
-def pick_device(asked: str = "auto") -> str:
-    """`auto` -> cuda when present, else cpu; `cuda` without CUDA is an error."""
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def mps_available() -> bool:
+    """An Apple GPU that this torch can use (Metal Performance Shaders: Apple Silicon, a
+    torch built with MPS, and a macOS it supports)."""
+    return torch.backends.mps.is_built() and torch.backends.mps.is_available()
+
+
+def device_choice(asked: str = "auto") -> tuple[str, str]:
+    """(device, why) for every command: `auto` takes CUDA, then an Apple GPU (MPS), then the
+    CPU; a device asked for that is not here is a one-line SettingsError."""
+    if asked not in DEVICES:
+        raise SettingsError(f"unknown device {asked!r}", f"use one of: {', '.join(DEVICES)}")
     if asked == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        if torch.cuda.is_available():
+            return "cuda", f"auto: a CUDA GPU ({torch.cuda.get_device_name(0)}) is here"
+        if mps_available():
+            return "mps", "auto: no CUDA GPU, and an Apple GPU (MPS) is here"
+        return "cpu", "auto: no CUDA GPU and no Apple GPU (MPS) here"
     if asked == "cuda" and not torch.cuda.is_available():
-        raise SettingsError("generate.device is cuda but no CUDA GPU is visible", "use --device cpu (or auto)")
-    if asked not in ("cpu", "cuda"):
-        raise SettingsError(f"unknown device {asked!r}", "use auto, cpu or cuda")
-    return asked
+        raise SettingsError("the device is cuda but no CUDA GPU is visible", "use --device auto (or cpu)")
+    if asked == "mps" and not mps_available():
+        why = ("this torch was built without MPS" if not torch.backends.mps.is_built()
+               else "this machine has no Apple GPU or its macOS is too old for this torch")
+        raise SettingsError(f"the device is mps but {why}", "use --device auto (or cpu)")
+    return asked, f"asked for {asked}"
+
+
+def pick_device(asked: str = "auto") -> str:
+    """The device of `device_choice` (without the why)."""
+    return device_choice(asked)[0]
+
+
+def mps_bf16() -> bool:
+    """Whether bf16 runs on this Apple GPU: macOS 14 or newer (what accelerate checks too;
+    earlier macOS versions fail with "BFloat16 is not supported on MPS")."""
+    return mps_available() and torch.backends.mps.is_macos_or_newer(14, 0)
 
 
 def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo), else what `platform` knows, else "unknown"."""
+    """The CPU's model name (/proc/cpuinfo; on a Mac the chip's, e.g. "Apple M2"), else
+    what `platform` knows, else "unknown"."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    if sys.platform == "darwin":
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            name = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True,
+                                  timeout=5).stdout.strip()
+            if name:
+                return name
     return platform.processor() or platform.machine() or "unknown"
 
 
 def hardware(device: str) -> str:
-    """The GPU's name on CUDA, else the CPU's model name (the quantize manifest's device)."""
+    """The GPU's name on CUDA, else the CPU's (on a Mac: the chip that holds the GPU too)."""
     return torch.cuda.get_device_name(0) if device == "cuda" else cpu_model()
 
 
 def device_name(device: str) -> str:
-    """`cuda: <GPU name>` or `cpu: <model name> (N threads)`, for run.json."""
-    if device == "cuda":
-        return f"cuda: {hardware(device)}"
+    """`cuda: <GPU name>`, `mps: <chip>` or `cpu: <model name> (N threads)`, for run.json."""
+    if device in ("cuda", "mps"):
+        return f"{device}: {hardware(device)}"
     return f"cpu: {hardware(device)} ({torch.get_num_threads()} threads)"
 
 
 def pick_dtype(device: str, asked: str = "auto") -> str:
-    """`auto`: bf16 on a CUDA GPU that has it, else fp16 there; fp32 on CPU (exact, and
-    bf16 decoding is only faster on some CPUs: see benchmarks/bench_generate.py)."""
+    """`auto`: bf16 on a CUDA GPU that has it, else fp16 there; fp32 on an Apple GPU (MPS)
+    and on a CPU: exact, and the safe choice where we have measured nothing (on a CPU bf16
+    decoding is only faster on some chips: see benchmarks/bench_generate.py; on MPS fp16
+    is there, and bf16 from macOS 14, when asked for)."""
     if asked == "auto":
         if device == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return "fp32"
     if asked == "fp16" and device == "cpu":
         raise SettingsError("fp16 on CPU is about 100x slower than fp32", "use --dtype fp32 or bf16 on CPU")
+    if asked == "bf16" and device == "mps" and not mps_bf16():
+        raise SettingsError("bf16 on an Apple GPU needs macOS 14 or newer", "use --dtype fp16 or fp32")
     if asked not in DTYPES:
         raise SettingsError(f"unknown dtype {asked!r}", "use auto, fp32, bf16 or fp16")
     return asked

@@ -303,7 +303,8 @@ def _phases(s: _Shape, *, amp: bool, ckpt: bool, accum: int, params: int, optimi
 
 def plan(settings: Settings, config: Any, device: str = "cuda", *, precision: str | None = None,
          budget_bytes: int | None = None) -> MemoryPlan:
-    """The memory plan of `settings.train` for the model `config` on `device` ("cuda"/"cpu").
+    """The memory plan of `settings.train` for the model `config` on `device` ("cuda", "mps"
+    (an Apple GPU: planned against its share of unified memory) or "cpu").
 
     precision: the precision training will really use (e.g. what the CPU probe chose);
         default `settings.train.precision`, where `auto` counts as 2-byte autocast on CUDA
@@ -318,7 +319,8 @@ def plan(settings: Settings, config: Any, device: str = "cuda", *, precision: st
     prec = _resolve_precision(precision or t.precision, device)
     budget, source = _budget(settings, device, budget_bytes)
     notes = _notes(settings, config, device, prec, precision)
-    args = dict(config=config, precision=prec, optimizer=t.optimizer, device=device, budget=budget,
+    optimizer = t.optimizer if t.optimizer != "adamw_bnb_8bit" or device == "cuda" else "adamw_torch"  # as trained
+    args = dict(config=config, precision=prec, optimizer=optimizer, device=device, budget=budget,
                 budget_source=source, notes=notes)
     result = _build(B=t.batch_size, A=t.grad_accum, T=t.block_size, ckpt=t.activation_checkpointing, **args)
     if result.fits is False:
@@ -328,7 +330,7 @@ def plan(settings: Settings, config: Any, device: str = "cuda", *, precision: st
 
 def _resolve_precision(precision: str, device: str) -> str:
     if precision == "auto":
-        return "fp16" if device == "cuda" else "fp32"  # fp16 and bf16 take the same memory
+        return "fp16" if device == "cuda" else "fp32"  # fp16 and bf16 take the same memory; MPS may pick fp32
     return precision
 
 
@@ -357,8 +359,27 @@ def _budget(settings: Settings, device: str, budget_bytes: int | None) -> tuple[
             return None, "unknown: no CUDA device here (set train.memory_budget_gb)"
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         return int(props.total_memory), f"{props.name}"
+    if device == "mps":  # unified memory: the GPU gets the share Metal recommends, not all of it
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        recommended = mps_recommended_bytes()
+        if recommended:
+            return recommended, (f"the Apple GPU's recommended working set, {100 * recommended / ram:.0f}% of "
+                                 f"this Mac's {ram / GIB:.0f} GiB unified memory")
+        return int(MPS_SHARE * ram), (f"{100 * MPS_SHARE:.0f}% of this Mac's {ram / GIB:.0f} GiB unified memory "
+                                      "(what Metal recommends on most Apple Silicon)")
 
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's RAM"
+
+
+MPS_SHARE = 0.75  # the usual ratio of Metal's recommendedMaxWorkingSetSize to unified memory
+
+
+def mps_recommended_bytes() -> int:
+    """Metal's recommended working set for this process's GPU (0 when unknown)."""
+    try:
+        return int(torch.mps.recommended_max_memory())
+    except (RuntimeError, AttributeError):  # no MPS here, or a torch without the call
+        return 0
 
 
 def _build(*, config: Any, B: int, A: int, T: int, ckpt: bool, precision: str, optimizer: str, device: str,

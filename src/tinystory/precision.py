@@ -10,16 +10,18 @@ CUDA silently trains fp32, and fp16 matmul on these CPUs is ~100x slower anyway.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel
 
 from tinystory.errors import TrainingError
+from tinystory.loading import mps_bf16
 
 
 def fp16_needs_cuda() -> TrainingError:
-    """The one-line error for fp16 without CUDA (Trainer would silently train fp32)."""
+    """The one-line error for fp16 on a CPU (the Trainer would silently train fp32)."""
     return TrainingError("fp16 training needs a CUDA GPU and this machine has none",
                          "use --precision auto, bf16 or fp32")
 
@@ -34,23 +36,18 @@ class Precision:
 
     @property
     def dtype(self) -> torch.dtype:
-
         return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.name]
-
-
-def device_type() -> str:
-    """`cuda` when a CUDA GPU is visible, else `cpu`."""
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def resolve(asked: str, device: str, model: PreTrainedModel | None = None, batch_shape: tuple[int, int] = (8, 64),
             probe_steps: int = 2) -> Precision:
     """The precision to train in: `asked` (auto|fp32|bf16|fp16) checked against `device`.
 
-    On CPU, `auto` runs `probe` on `model` with a (B, T) batch of random tokens.
+    On a CPU and on an Apple GPU (MPS), `auto` runs `probe` on `model` (already on `device`)
+    with a (B, T) batch of random tokens and keeps the fastest of what the device runs:
+    fp32 or bf16 on a CPU (never fp16: ~100x slower there); fp32, fp16 (loss-scaled, as
+    accelerate does it on MPS with torch >= 2.8) and, from macOS 14, bf16 on MPS.
     """
-
     if device == "cuda":
         bf16_ok = torch.cuda.is_bf16_supported()
         if asked == "auto":
@@ -60,18 +57,27 @@ def resolve(asked: str, device: str, model: PreTrainedModel | None = None, batch
         if asked == "bf16" and not bf16_ok:
             raise TrainingError("this GPU has no bf16 support", "use --precision fp16 (loss-scaled) or fp32")
         return Precision(asked, f"asked for {asked}", {})
-    if asked == "fp16":
+    if device == "mps":
+        if asked == "bf16" and not mps_bf16():
+            raise TrainingError("bf16 on an Apple GPU needs macOS 14 or newer", "use --precision fp16 or fp32")
+        names: tuple[str, ...] = ("fp32", "fp16", "bf16") if mps_bf16() else ("fp32", "fp16")
+    elif asked == "fp16":
         raise fp16_needs_cuda()
+    else:
+        names = ("fp32", "bf16")
     if asked != "auto":
         return Precision(asked, f"asked for {asked}", {})
     if model is None:
         return Precision("fp32", "auto without a model to probe: fp32", {})
-    ms = probe(model, batch_shape, steps=probe_steps)
-    fast = "bf16" if ms["bf16"] < ms["fp32"] else "fp32"
-    slow = "fp32" if fast == "bf16" else "bf16"
-    why = (f"auto: {fast} trained {ms[slow] / ms[fast]:.2f}x faster than {slow} on this CPU "
-           f"({ms[fast]:.0f} vs {ms[slow]:.0f} ms a step in a short probe)")
-    return Precision(fast, why, ms)
+    ms = probe(model, batch_shape, steps=probe_steps, names=names, device=device)
+    return Precision(*fastest(ms, "this CPU" if device == "cpu" else "this Apple GPU"), ms)
+
+
+def fastest(ms: dict[str, float], where: str) -> tuple[str, str]:
+    """(the fastest name of a probe's ms a step, why) against the runner-up."""
+    fast, slow = sorted(ms, key=ms.__getitem__)[:2]
+    return fast, (f"auto: {fast} trained {ms[slow] / ms[fast]:.2f}x faster than {slow} on {where} "
+                  f"({ms[fast]:.0f} vs {ms[slow]:.0f} ms a step in a short probe)")
 
 
 def probe(model: PreTrainedModel, batch_shape: tuple[int, int], steps: int = 2,
@@ -87,7 +93,7 @@ def probe(model: PreTrainedModel, batch_shape: tuple[int, int], steps: int = 2,
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (B, T), generator=gen).to(device)  # (B, T)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync = synchronizer(device)
     times: dict[str, list[float]] = {n: [] for n in names}
 
     def step(name: str) -> float:
@@ -111,6 +117,11 @@ def probe(model: PreTrainedModel, batch_shape: tuple[int, int], steps: int = 2,
     return {k: 1000 * sorted(v)[len(v) // 2] for k, v in times.items()}
 
 
+def synchronizer(device: str) -> Callable[[], None]:
+    """What waits for the device's queued work (nothing on a CPU)."""
+    return {"cuda": torch.cuda.synchronize, "mps": torch.mps.synchronize}.get(device, lambda: None)
+
+
 def matmul_peak(dtype: torch.dtype, device: str = "cpu", n: int = 1024, seconds: float = 0.3) -> float:
     """Measured dense matmul throughput (FLOP/s) of this device in `dtype`: the MFU denominator.
 
@@ -120,14 +131,14 @@ def matmul_peak(dtype: torch.dtype, device: str = "cpu", n: int = 1024, seconds:
 
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync = synchronizer(device)
     t0 = time.perf_counter()
     torch.matmul(a, b)  # warm up (kernel selection, caches)
     sync()
     warm = time.perf_counter() - t0
     if warm >= seconds:
         return 2 * n**3 / warm
-    every = 4 if device == "cuda" else 1  # a CUDA sync costs time; a CPU matmul has ended when it returns
+    every = 1 if device == "cpu" else 4  # a GPU sync costs time; a CPU matmul has ended when it returns
     reps, t0 = 0, time.perf_counter()
     while True:
         torch.matmul(a, b)
@@ -144,7 +155,7 @@ def peak_flops(dtype: torch.dtype, device: str = "cpu", seconds: float = 0.1) ->
     peaks (CPU: 512, 1024 and 2048, `seconds` each; CUDA: 4096). The live display and
     benchmarks/bench_train.py use the same sizes, so their MFU figures agree. A size whose
     single matmul already takes longer than `seconds` ends the search (the next is 8x more)."""
-    sizes = (4096,) if device == "cuda" else (512, 1024, 2048)
+    sizes = {"cuda": (4096,), "mps": (2048,)}.get(device, (512, 1024, 2048))
     best = 0.0
     for n in sizes:
         rate = matmul_peak(dtype, device, n=n, seconds=seconds)

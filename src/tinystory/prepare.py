@@ -29,6 +29,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -164,6 +165,9 @@ def cores() -> int:
 
 
 def _alive(pid: int) -> bool:
+    """Whether process `pid` still runs (the owner of a temp folder)."""
+    if sys.platform == "win32":  # os.kill(pid, 0) there would terminate the process
+        return _alive_windows(pid)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -171,6 +175,21 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _alive_windows(pid: int) -> bool:
+    """Windows: the process can be opened and has no exit code yet."""
+    import ctypes  # (Windows only; prepare's start-up path elsewhere never pays for it)
+
+    kernel32 = ctypes.windll.kernel32  # type: ignore[attr-defined]  # only on Windows
+    handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+    if not handle:
+        return bool(kernel32.GetLastError() == 5)  # ERROR_ACCESS_DENIED: it exists, owned by someone else
+    try:
+        code = ctypes.c_ulong()
+        return bool(kernel32.GetExitCodeProcess(handle, ctypes.byref(code))) and code.value == 259  # STILL_ACTIVE
+    finally:
+        kernel32.CloseHandle(handle)
 
 
 def _sweep_stale(dest: Path) -> None:

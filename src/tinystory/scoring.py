@@ -52,7 +52,7 @@ def score_blocks(
             logits = forward(x).float()  # (B, T, V)
             targets = x[:, 1:].reshape(-1)  # (B*(T-1),)
             nats = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), targets.to(logits.device),
-                                   reduction="none").double().cpu()  # (B*(T-1),)
+                                   reduction="none").cpu().double()  # (B*(T-1),) (no float64 on MPS)
             b = nbytes[targets.cpu()]  # (B*(T-1),) 0 for specials
             text = b > 0
             sums["nats"] += nats.sum().item()

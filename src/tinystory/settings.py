@@ -77,6 +77,8 @@ class TrainSettings:
     beta1: float = setting(0.9, "AdamW beta1")
     beta2: float = setting(0.95, "AdamW beta2 (0.95 is steadier than 0.999 for LMs)")
     grad_clip: float = setting(1.0, "clip the global gradient norm to this (0 = off)")
+    device: str = setting("auto", "auto = a CUDA GPU, else an Apple GPU (MPS) when a probe finds it faster than "
+                          "the CPU, else the CPU", ("auto", "cpu", "cuda", "mps"))
     precision: str = setting("auto", "auto picks fp16/bf16/fp32 for the device (CPU: a measured probe)", PRECISIONS)
     optimizer: str = setting(
         "adamw_torch", "optimizer name", ("adamw_torch", "adamw_torch_fused", "adamw_bnb_8bit")
@@ -127,7 +129,8 @@ class GenerateSettings:
     repetition_penalty: float = setting(1.0, "penalise repeated tokens (1.0 = off)")
     num_samples: int = setting(1, "stories per prompt")
     seed: int | None = setting(None, "seed for reproducible samples (unset = random)")
-    device: str = setting("auto", "where to run: auto = CUDA when present", ("auto", "cpu", "cuda"))
+    device: str = setting("auto", "where to run: auto = a CUDA GPU, else an Apple GPU (MPS), else the CPU",
+                          ("auto", "cpu", "cuda", "mps"))
     dtype: str = setting("auto", "weights dtype: auto = bf16/fp16 on CUDA, fp32 on CPU", PRECISIONS)
     threads: int = setting(0, "torch CPU threads, 0 = pick for decoding speed")
     compile: str = setting(

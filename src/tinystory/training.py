@@ -43,7 +43,7 @@ from tinystory.callbacks import (
 )
 from tinystory.data import BlockDataset, PreparedData, open_prepared
 from tinystory.errors import DataError, TrainingError
-from tinystory.loading import device_name, load_model, pick_device
+from tinystory.loading import device_choice, device_name, load_model, pick_device
 from tinystory.model import build_config, build_model, count_parameters
 from tinystory.paths import atomic_path, runs_dir, write_atomic
 from tinystory.precision import Precision, fp16_needs_cuda, peak_flops, probe, resolve
@@ -172,6 +172,30 @@ def _precision(settings: Settings, model: PreTrainedModel, device: str, recorded
     return distributed.shared(chosen)
 
 
+def _mps_or_cpu(settings: Settings, model: PreTrainedModel) -> tuple[str, str, Precision]:
+    """On a Mac with `device = auto`: the Apple GPU or the CPU, whichever trains this model
+    faster in the precision probe (a small model's steps can be quicker on the CPU than
+    the GPU's kernel launches), with the precision that won there."""
+    t = settings.train
+    shape = (t.batch_size, t.block_size)
+
+    def timed(device: str) -> tuple[Precision, float]:
+        model.to(device)  # type: ignore[arg-type]
+        chosen = resolve(t.precision, device, model, shape)
+        ms = chosen.step_ms.get(chosen.name) or probe(model, shape, names=(chosen.name,), device=device)[chosen.name]
+        return chosen, ms
+
+    if t.precision == "fp16":  # fp16 trains on the GPU only
+        model.to("mps")  # type: ignore[arg-type]
+        return "mps", "fp16 was asked for, which only the Apple GPU trains in", resolve("fp16", "mps", model, shape)
+    on_cpu, cpu_ms = timed("cpu")
+    on_mps, mps_ms = timed("mps")
+    if cpu_ms < mps_ms:
+        model.to("cpu")  # type: ignore[arg-type]
+        return "cpu", f"auto: the CPU trained {mps_ms / cpu_ms:.2f}x faster than the Apple GPU in a probe", on_cpu
+    return "mps", f"auto: the Apple GPU trained {cpu_ms / mps_ms:.2f}x faster than the CPU in a probe", on_mps
+
+
 # ----------------------------------------------------------------------------- steps
 
 
@@ -248,8 +272,8 @@ def train(settings: Settings, *, resume: bool = False, init_from: str | None = N
     if dry_run:
         _dry_run(settings)
         return None
-    device = pick_device()
-    if settings.train.precision == "fp16" and device != "cuda":
+    device, why = device_choice(settings.train.device)
+    if settings.train.precision == "fp16" and device == "cpu":
         raise fp16_needs_cuda()  # before any data or model work
     distributed.init(device)
     rank, _, world = distributed.world()
@@ -264,6 +288,8 @@ def train(settings: Settings, *, resume: bool = False, init_from: str | None = N
                                 "train it again without --resume")
         recorded = read_json(run_dir / RUN_JSON)
         settings = _resumed_settings(run_dir, settings)
+        if recorded.get("device_type") in ("cpu", "mps") and settings.train.device == "auto" and device != "cuda":
+            device, why = recorded["device_type"], "resumed on the device the run started on"
         if rank == 0:  # what a crash in a save left: never resumed from, and in the way of the next save
             rotate_checkpoints(run_dir / "checkpoints", 0)
     else:
@@ -275,11 +301,17 @@ def train(settings: Settings, *, resume: bool = False, init_from: str | None = N
     data = _data(settings, recorded.get("data", {}).get("path"))
     tokenizer = data.tokenizer
     model = _build_model(settings, tokenizer, init_from if not ckpt else None, data)
-    model.to(device)  # type: ignore[arg-type]  # transformers types .to() through a wrapper that mypy misreads
     if settings.train.attention != model.config._attn_implementation:
         model.set_attn_implementation(settings.train.attention)  # not saved: the run dir loads with sdpa
-    prec = _precision(settings, model, device, recorded)
+    if device == "mps":  # an op without an MPS kernel runs on the CPU (the CLI sets this on a Mac)
+        console.info("device: an Apple GPU (MPS); ops it lacks fall back to the CPU (PYTORCH_ENABLE_MPS_FALLBACK=1)")
+    if device == "mps" and settings.train.device == "auto" and not recorded:
+        device, why, prec = _mps_or_cpu(settings, model)  # the faster of the two, measured
+    else:
+        model.to(device)  # type: ignore[arg-type]  # transformers types .to() through a wrapper that mypy misreads
+        prec = _precision(settings, model, device, recorded)
     if rank == 0:
+        console.info(f"device: {device} ({why})")
         console.info(f"precision: {prec.name} ({prec.reason})")
     if device == "cpu" and settings.train.torch_compile and not prec.step_ms:
         _eager_warmup(model, settings)
@@ -450,6 +482,7 @@ def write_run_json(job: TrainingRun, status: RunStatus, state: Any, stopped: str
         "tokens_seen": steps * status.tokens_per_step,
         "wall_time_s": round(status.wall(), 2) if state is not None else 0.0,
         "device": device_name(job.device),
+        "device_type": job.device,
         "world_size": status.world_size,
         "precision": job.precision.name,
         "precision_reason": job.precision.reason,

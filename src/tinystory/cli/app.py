@@ -135,6 +135,8 @@ def main(argv: list[str] | None = None) -> None:
     click = _click_exceptions()
 
     debug = os.environ.get("TINYSTORY_DEBUG", "").strip() not in ("", "0")
+    if sys.platform == "darwin":  # an op without an Apple GPU (MPS) kernel runs on the CPU instead of failing;
+        os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")  # set before torch starts (training says so)
     try:
         args = sys.argv[1:] if argv is None else argv
         rv = _app_for(args)(args=argv, prog_name="tinystory", standalone_mode=False)

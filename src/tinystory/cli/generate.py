@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from tinystory.cli.options import ConfigOpt, PrintSettingsOpt, ProfileOpt, RunArg, SeedOpt, SetOpt, resolve
+from tinystory.cli.options import ConfigOpt, DeviceOpt, PrintSettingsOpt, ProfileOpt, RunArg, SeedOpt, SetOpt, resolve
 from tinystory.errors import TinystoryError
 
 if TYPE_CHECKING:
@@ -53,7 +53,6 @@ OutOpt = Annotated[Path | None, typer.Option(
     dir_okay=False)]
 AllowEmptyOpt = Annotated[bool, typer.Option("--allow-empty", help="Accept an empty prompt: the story starts from "
                                              "nothing.")]
-DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu or cuda.", show_default=False)]
 DtypeOpt = Annotated[str | None, typer.Option("--dtype", help="auto, fp32, bf16 or fp16.", show_default=False)]
 ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="CPU threads (0 = the measured best).",
                                                 show_default=False)]

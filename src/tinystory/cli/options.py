@@ -32,6 +32,11 @@ PrintSettingsOpt = Annotated[
     typer.Option("--print-settings", help="Print the resolved settings with their sources and exit.",
                  rich_help_panel=PANEL),
 ]
+DeviceOpt = Annotated[
+    str | None,
+    typer.Option("--device", help="auto, cpu, cuda or mps (auto: a CUDA GPU, else an Apple GPU, else the CPU).",
+                 show_default=False),
+]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed (reproducible results).", show_default=False)]
 RunArg = Annotated[
     str | None,

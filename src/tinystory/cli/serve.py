@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from tinystory.cli.options import ConfigOpt, PrintSettingsOpt, ProfileOpt, SetOpt, resolve
+from tinystory.cli.options import ConfigOpt, DeviceOpt, PrintSettingsOpt, ProfileOpt, SetOpt, resolve
 
 RunPos = Annotated[
     str | None,
@@ -26,6 +26,7 @@ def serve(
     run: RunPos = None,
     host: HostOpt = None,
     port: PortOpt = None,
+    device: DeviceOpt = None,
     profile: ProfileOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -36,7 +37,8 @@ def serve(
     Sampling defaults (for requests that omit them, and the page's knobs) and the device,
     dtype and threads come from the generate settings, e.g. --set generate.temperature=0.8.
     """
-    settings = resolve(profile, config, set_, flags={"serve.host": (host, "--host"), "serve.port": (port, "--port")},
+    settings = resolve(profile, config, set_, flags={"serve.host": (host, "--host"), "serve.port": (port, "--port"),
+                                                       "generate.device": (device, "--device")},
                        print_only=print_settings, sections=["serve", "generate"])
     from tinystory.serve import require_extra, run_server
 

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from tinystory.cli.options import ConfigOpt, PrintSettingsOpt, ProfileOpt, SetOpt, resolve
+from tinystory.cli.options import ConfigOpt, DeviceOpt, PrintSettingsOpt, ProfileOpt, SetOpt, resolve
 from tinystory.settings import PRECISIONS
 
 LIMITS = "Length (pick at most one)"
@@ -25,6 +25,7 @@ def train(
                                                       rich_help_panel=LIMITS, show_default=False)] = None,
     minutes: Annotated[float | None, typer.Option("--minutes", min=0.01, help="Wall time; the LR schedule is "
                                                   "fitted to it.", rich_help_panel=LIMITS, show_default=False)] = None,
+    device: DeviceOpt = None,
     precision: Annotated[str | None, typer.Option("--precision", help=f"One of {', '.join(PRECISIONS)} "
                                                      "(auto: by device; on CPU a measured probe).",
                                                      show_default=False)] = None,
@@ -47,6 +48,7 @@ def train(
     flags: dict[str, tuple[Any, str]] = {
         "train.data": (str(data) if data else None, "--data"),
         "train.out": (str(out) if out else None, "--out"),
+        "train.device": (device, "--device"),
         "train.precision": (precision, "--precision"),
         "train.wandb": (None if wandb is None else ("on" if wandb else "off"), "--wandb"),
     }
