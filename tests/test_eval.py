@@ -67,7 +67,7 @@ def test_parse_metrics():
     with pytest.raises(SettingsError) as e:
         parse_metrics(["ppl", "ppx"])
     assert str(e.value) == ("unknown metric 'ppx' (did you mean 'ppl'? valid metrics: "
-                            "loss, ppl, bpb, distinct-n, self-bleu, rep-n, length, bleu, all)")
+                            "loss, ppl, bpb, distinct-n, self-bleu, rep-n, length, bleu, judge, all)")
 
 
 def test_val_stories_split_the_stream():
@@ -335,4 +335,4 @@ def test_unknown_metric_is_one_line_exit_1():
                        capture_output=True, text=True, env={**os.environ})
     assert r.returncode == 1 and r.stdout == ""
     assert r.stderr.strip() == ("error: unknown metric 'perplexity' (valid metrics: loss, ppl, bpb, distinct-n, "
-                                "self-bleu, rep-n, length, bleu, all)")
+                                "self-bleu, rep-n, length, bleu, judge, all)")

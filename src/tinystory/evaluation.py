@@ -1,21 +1,27 @@
-"""`tinystory eval`: loss, perplexity and bits per byte on the validation stream, and the
-diversity and repetition of sampled stories, for one run; results saved as eval.json.
+"""`tinystory eval`: loss, perplexity and bits per byte on the validation stream, the
+diversity and repetition of sampled stories and, with `judge`, an LLM judge's grades of
+them (`tinystory.judge`), for one run; results saved as eval.json.
 
-Order of work in `evaluate`: resolve the run -> load the model (`load_model`, the one
-place that knows model formats) -> find the prepared data and check its tokenizer ->
-score the validation stream in training's fixed-length blocks -> sample stories with a
-fixed seed -> text metrics on them and on real validation stories (the reference) ->
+Order of work in `evaluate`: resolve the run -> check the judge server (judge only) ->
+load the model (`load_model`, the one place that knows model formats) -> find the
+prepared data and check its tokenizer -> score the validation stream in training's
+fixed-length blocks -> sample stories with a fixed seed -> text metrics on them and on
+real validation stories (the reference) -> the judge's grades of completed openings ->
 write `<run>/eval.json`. Metric definitions live in `tinystory.metrics`.
 
 eval.json (one flat object; `push` reads it for the model card):
     {"run": "/abs/run", "name": "run-dir-name",
      "metrics":   {"loss": 1.23, "ppl": 3.42, "bpb": 0.45, "distinct-1": .., "distinct-1-li": ..,
                    "self-bleu": .., "rep-2": .., "rep-3": .., "rep-4": .., "diversity": ..,
-                   "bleu": .., "length": .., "eos-share": ..},   # only what was computed
+                   "bleu": .., "length": .., "eos-share": .., "judge-grammar": .., "judge-creativity": ..,
+                   "judge-consistency": .., "judge-plot": .., "judge-age": ..},   # only what was computed
      "reference": {same text-metric keys, on real validation stories},
      "settings":  {"data", "block_size", "max_tokens", "batch_size", "num_samples",
                    "max_new_tokens", "temperature", "top_p", "top_k", "seed", "device", "dtype"},
      "counts":    {"tokens", "text_tokens", "bytes", "blocks", "samples", "bleu_prompts"},
+     "judge":     {"judge": {model, url, rubric, ...}, "scores": {"grammar": {"mean", "ci95", "n",
+                   "judge_sd"}, ...}, "reference": {same, real endings}, "counts": {...},
+                   "stories": [...], "reference_stories": [...]},   # with the judge metric only
      "weights_sha256": "...", "tinystory_version": "...", "created": "ISO time"}
 
 A later eval of the same weights under the same settings adds its metrics to the file;
@@ -39,6 +45,7 @@ from rich.table import Table
 from transformers import PreTrainedTokenizerBase
 
 from tinystory import __version__
+from tinystory import judge as J
 from tinystory import metrics as M
 from tinystory.console import info, warn
 from tinystory.data import PreparedData
@@ -53,23 +60,25 @@ from tinystory.tokenizer import decode, token_byte_lengths
 
 LOSS_METRICS = ("loss", "ppl", "bpb")
 TEXT_METRICS = ("distinct-n", "self-bleu", "rep-n", "length")
-METRICS = (*LOSS_METRICS, *TEXT_METRICS, "bleu")
+METRICS = (*LOSS_METRICS, *TEXT_METRICS, "bleu")  # what `all` means
+JUDGE = "judge"  # graded by a judge server (tinystory.judge): only when asked for by name
+VALID = (*METRICS, JUDGE)
 
 
 def parse_metrics(names: Sequence[str]) -> list[str]:
-    """Validated metric names in canonical order (`all` = every metric), or a one-line
-    SettingsError listing the valid names."""
+    """Validated metric names in canonical order (`all` = every metric but judge), or a
+    one-line SettingsError listing the valid names."""
     wanted = {n.strip().lower() for n in names if n.strip()}
     if "all" in wanted:
-        return list(METRICS)
+        return [*METRICS, *([JUDGE] if JUDGE in wanted else [])]
     for name in sorted(wanted):
-        if name not in METRICS:
-            close = difflib.get_close_matches(name, METRICS, n=1)
+        if name not in VALID:
+            close = difflib.get_close_matches(name, VALID, n=1)
             guess = f"did you mean {close[0]!r}? " if close else ""
-            raise SettingsError(f"unknown metric {name!r}", f"{guess}valid metrics: {', '.join(METRICS)}, all")
+            raise SettingsError(f"unknown metric {name!r}", f"{guess}valid metrics: {', '.join(VALID)}, all")
     if not wanted:
-        raise SettingsError("no metric to compute", f"pass --metrics with some of: {', '.join(METRICS)}, all")
-    return [m for m in METRICS if m in wanted]
+        raise SettingsError("no metric to compute", f"pass --metrics with some of: {', '.join(VALID)}, all")
+    return [m for m in VALID if m in wanted]
 
 
 # ------------------------------------------------------------------------- data
@@ -146,11 +155,15 @@ def evaluate(run: str | Path | None, settings: Settings, metrics: Sequence[str] 
     if the_run.is_gguf:
         raise RunError(f"{path.name} is a GGUF file, which eval cannot score",
                        "evaluate the run dir (or an int8 folder) instead; quantize reports the GGUF's bpb")
+    judge = J.Judge.from_settings(settings) if JUDGE in names else None
+    if judge is not None:
+        judge.check()  # a wrong URL, key or model fails here, in seconds, before the model loads
     if ev.threads:
         torch.set_num_threads(ev.threads)
     model, tokenizer = load_model(the_run, pick_device("auto"))
     device = str(model.device)  # a quantized model picks its own
-    prepared = _eval_data(the_run, tokenizer, names, str(data or ev.data or "") or None)
+    prepared = (_eval_data(the_run, tokenizer, names, str(data or ev.data or "") or None)
+                if set(names) - {JUDGE} else None)  # the judge's openings ship with tinystory
     block_size = the_run.block_size(settings.train.block_size, model.config.max_position_embeddings)
     result: dict[str, Any] = {
         "run": str(path.resolve()), "name": path.name if the_run.local else str(run),
@@ -180,6 +193,10 @@ def evaluate(run: str | Path | None, settings: Settings, metrics: Sequence[str] 
             result["reference"] = _text_row(real, [len(ids) < ev.max_new_tokens for ids in stories], text_names)
     if "bleu" in names:
         m["bleu"], counts["bleu_prompts"] = bleu_metric(model, tokenizer, stories, ev, device)
+    if judge is not None:
+        result["judge"] = judge_metric(model, tokenizer, ev, device, judge)
+        m.update(J.flat(result["judge"]["scores"]))
+        result["reference"].update(J.flat(result["judge"]["reference"]))
 
     result.update(weights_sha256=the_run.weights_sha256(), tinystory_version=__version__,
                   created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
@@ -230,6 +247,30 @@ def bleu_metric(model: Any, tokenizer: PreTrainedTokenizerBase, stories: Sequenc
     return M.corpus_bleu([t for t, _ in cont], [truth for _, truth in pairs]), len(pairs)
 
 
+def judge_metric(model: Any, tokenizer: PreTrainedTokenizerBase, ev: EvalSettings, device: str,
+                 judge: J.Judge) -> dict[str, Any]:
+    """The judge's grades (the `judge` section of eval.json): the model completes each of
+    the first `ev.judge_openings` shipped openings `ev.judge_samples` times (seeded, eval's
+    sampling settings); the reference is their real endings, cut at the same token limit."""
+    openings = J.load_openings(ev.judge_openings)
+    prompts = [tokenizer(o.beginning).input_ids for o in openings for _ in range(ev.judge_samples)]  # BOS + text
+    texts = continue_prompts(model, tokenizer, prompts, ev, device, what="completing openings")
+    stories = [J.Story(o.id, j, o.beginning, texts[i * ev.judge_samples + j][0])
+               for i, o in enumerate(openings) for j in range(ev.judge_samples)]
+    reference = [J.Story(o.id, 0, o.beginning, _cut_text(tokenizer, o.ending, ev.max_new_tokens))
+                 for o in openings] if ev.judge_reference else []
+    return J.report(judge, stories, reference, ev.judge_repeats,
+                    {"openings": len(openings), "samples": ev.judge_samples})
+
+
+def _cut_text(tokenizer: PreTrainedTokenizerBase, text: str, limit: int) -> str:
+    """`text` cut after its first `limit` tokens (whole when shorter), leading space kept."""
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    if len(ids) <= limit:
+        return text
+    return text[: len(text) - len(text.lstrip())] + decode(tokenizer, ids[:limit]).lstrip()
+
+
 # ------------------------------------------------------------------------- eval.json
 
 
@@ -244,6 +285,8 @@ def save_eval(run: Path, result: dict[str, Any]) -> dict[str, Any]:
     if old and old.get("weights_sha256") == result["weights_sha256"] and old.get("settings") == result["settings"]:
         for key in ("metrics", "reference", "counts"):
             result[key] = {**old.get(key, {}), **result[key]}
+        if "judge" in old and "judge" not in result:  # an eval without the judge keeps its grades
+            result["judge"] = old["judge"]
     write_atomic(f, json.dumps(result, indent=2) + "\n")
     return result
 
@@ -281,10 +324,14 @@ def table(results: Sequence[dict[str, Any]]) -> Table:
     """Runs side by side (one column each) plus a column per distinct reference row;
     the settings that shape the numbers as the last rows."""
     refs: list[dict[str, Any]] = []
+    owners: list[dict[str, Any]] = []  # the result each reference column came with
     for r in results:
         if r.get("reference") and r["reference"] not in refs:
             refs.append(r["reference"])
-    t = Table(title="tinystory eval", title_justify="left", caption=LEGEND, caption_justify="left")
+            owners.append(r)
+    judged = [r for r in results if r.get("judge")]
+    caption = LEGEND + (JUDGE_LEGEND.format(judge=judged[0]["judge"]["judge"]["model"]) if judged else "")
+    t = Table(title="tinystory eval", title_justify="left", caption=caption, caption_justify="left")
     t.add_column("metric")
     for r in results:
         t.add_column(r["name"], justify="right", overflow="fold")
@@ -295,12 +342,43 @@ def table(results: Sequence[dict[str, Any]]) -> Table:
         if key in present:
             t.add_row(label, *[_fmt(r["metrics"].get(key), fmt) for r in results],
                       *[_fmt(ref.get(key), fmt) for ref in refs])
+    for key in (*J.CRITERIA, "age") if judged else ():
+        t.add_row(f"judge: {key}", *[_judge_cell(r, "scores", key) for r in results],
+                  *[_judge_cell(r, "reference", key) for r in owners])
     t.add_section()
     t.add_row("tokens scored", *[str(r["counts"].get("tokens", "-")) for r in results], *["" for _ in refs])
     t.add_row("block size", *[str(r["settings"]["block_size"]) for r in results], *["" for _ in refs])
     for label, fmt in SETTING_ROWS:
         t.add_row(label, *[fmt.format(**r["settings"]) for r in results], *["" for _ in refs])
+    if judged:
+        t.add_row("judge", *[_judge_setup(r) for r in results], *["" for _ in refs])
     return t
+
+
+JUDGE_LEGEND = (" judge: grades 1-10 by {judge} (the TinyStories paper's rubric) of completions of story openings, "
+                "mean ± 95% confidence interval; age: the writer's age it guessed, years; val stories: the real "
+                "endings.")
+
+
+def _judge_cell(result: dict[str, Any], group: str, key: str) -> str:
+    """A judge score as "7.12 ± 0.31" (mean ± half its 95% interval), the mean alone, or "-"."""
+    score = (result.get("judge") or {}).get(group, {}).get(key) or {}
+    if score.get("mean") is None:
+        return "-"
+    ci = score.get("ci95")
+    return f"{score['mean']:.2f}" + (f" ± {(ci[1] - ci[0]) / 2:.2f}" if ci else "")
+
+
+def _judge_setup(result: dict[str, Any]) -> str:
+    """Who judged how many stories, and how many answers held no grades."""
+    j = result.get("judge")
+    if not j:
+        return "-"
+    c, who = j["counts"], j["judge"]
+    sds = [j["scores"][k].get("judge_sd") for k in J.CRITERIA]
+    spread = ", judge sd " + "/".join(f"{v:.2f}" for v in sds) if None not in sds else ""
+    return (f"{who['model']}: {c['stories']} stories x {who['repeats']}, {c['unparsed']} unparsed, "
+            f"{c['failed']} failed{spread}")
 
 
 SETTING_ROWS = [

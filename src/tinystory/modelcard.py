@@ -44,6 +44,10 @@ METRICS: dict[str, tuple[str, str, str]] = {
     "bleu": ("bleu", "BLEU", "continuations of half stories against their true endings, 0-100"),
     "length": ("length", "Length", "mean words per story"),
     "eos-share": ("eos-share", "Ended", "share of stories that ended (EOS) before the token limit"),
+    **{f"judge-{c}": (f"judge-{c}", f"Judge: {c}", f"1-10, {what} (graded by {{judge}})") for c, what in (
+        ("grammar", "is the completion grammatical"), ("creativity", "how creative it is"),
+        ("consistency", "does it fit the story's beginning"), ("plot", "does the plot make sense"))},
+    "judge-age": ("judge-age", "Judge: age", "the writer's age in years the judge guessed ({judge})"),
 }
 COUNTS = {"tokens", "bytes", "stories", "samples", "seconds", "num_samples", "wall_time_s"}
 PATTERNS = (
@@ -254,17 +258,36 @@ def eval_section(eval_data: dict[str, Any] | None) -> str:
         return ("## Evaluation\n\nNot evaluated yet: run `tinystory eval --run RUN_DIR` and push again to add "
                 "loss, perplexity, bits per byte and story-diversity numbers.")
     ref = eval_data.get("reference") or {}
+    judge = eval_data.get("judge") or {}
+    judge_name = f"`{(judge.get('judge') or {}).get('model', 'an LLM')}`"
     lines = ["| Metric | This model | Real stories | Meaning |", "|---|---|---|---|"]
     for k, v in metrics.items():
         _, label, meaning = metric_meta(k)
         r = ref.get(k)
-        lines.append(f"| {label} | {_fmt(v)} | {_fmt(r) if _number(r) else ''} | {meaning} |")
+        if k.startswith("judge-"):  # with its 95% interval
+            mine, real = _judge_cell(judge, "scores", k, v), _judge_cell(judge, "reference", k, r)
+        else:
+            mine, real = _fmt(v), _fmt(r) if _number(r) else ""
+        lines.append(f"| {label} | {mine} | {real} | {meaning.replace('{judge}', judge_name)} |")
     text = "## Evaluation\n\nOn the TinyStories validation split; `eval.json` holds every number.\n\n"
     text += "\n".join(lines)
     if ref:
         text += "\n\n*Real stories*: the same text metrics on validation stories cut at the same token limit."
+    if judge.get("scores"):
+        who, c = judge.get("judge") or {}, judge.get("counts") or {}
+        text += (f"\n\n*Judge*: {judge_name} graded {c.get('stories', '?')} completions of "
+                 f"{who.get('openings', '?')} story openings (and the real endings, as *Real stories*) with the "
+                 "TinyStories paper's rubric (`tinystory eval --metrics judge`); ± is half a 95% confidence interval.")
     setup = _eval_setup(eval_data)
     return text + (f"\n\n{setup}" if setup else "")
+
+
+def _judge_cell(judge: dict[str, Any], group: str, key: str, value: Any) -> str:
+    """A judge score as "7.12 ± 0.31" (with its 95% interval when eval.json has one)."""
+    if not _number(value):
+        return ""
+    ci = ((judge.get(group) or {}).get(key.removeprefix("judge-")) or {}).get("ci95")
+    return f"{value:.2f}" + (f" ± {(ci[1] - ci[0]) / 2:.2f}" if ci else "")
 
 
 def _escape(text: str) -> str:

@@ -118,6 +118,22 @@ class EvalSettings:
     top_k: int = setting(0, "top-k sampling for generated stories (0 = off)")
     seed: int = setting(1234, "fixed seed so two evals give the same numbers")
     threads: int = setting(0, "torch CPU threads, 0 = torch's default (1 is faster for tiny models, busy CPUs)")
+    # `--metrics judge`: an OpenAI-compatible model grades stories (tinystory.judge, docs/judge.md)
+    judge_url: str = setting("", "the judge's OpenAI-compatible API, e.g. http://localhost:11434/v1 (ollama)")
+    judge_model: str = setting("", "the judge's model name as its server knows it, e.g. gpt-4o or llama3.1")
+    judge_key_env: str = setting("OPENAI_API_KEY", "environment variable holding the judge's API key ('' = send "
+                                 "none); the key itself is never stored")
+    judge_openings: int = setting(50, "shipped story openings graded (the first N of 50): fewer cost less")
+    judge_samples: int = setting(1, "completions the model writes per opening (seeded, eval's sampling settings)")
+    judge_repeats: int = setting(1, "gradings of each story; more than 1 also reports the judge's own spread")
+    judge_reference: bool = setting(True, "also grade the real endings of the openings, the scale to read against")
+    judge_concurrency: int = setting(4, "judge requests in flight at once")
+    judge_timeout: float = setting(60.0, "seconds to wait for one judge answer before a retry")
+    judge_retries: int = setting(4, "retries of a request after a 429, a 5xx or a timeout (exponential backoff)")
+    judge_max_tokens: int = setting(800, "cap on one judge answer, its assessment and grades (0 = not sent)")
+    judge_temperature: float = setting(1.0, "the judge's sampling temperature (1.0: the only one some models take)")
+    judge_format: str = setting("json_schema", "how the grades are asked for; a server that refuses one gets the "
+                                "next", ("json_schema", "json_object", "text"))
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,8 @@ RunsArg = Annotated[
 MetricsOpt = Annotated[
     str | None,
     typer.Option("--metrics", "-m", show_default=False,
-                 help="Comma-separated: loss, ppl, bpb, distinct-n, self-bleu, rep-n, bleu, length, or all "
-                      "(default: eval.metrics = loss,ppl,bpb)."),
+                 help="Comma-separated: loss, ppl, bpb, distinct-n, self-bleu, rep-n, bleu, length, judge, or all "
+                      "(all but judge; default: eval.metrics = loss,ppl,bpb)."),
 ]
 DataOpt = Annotated[
     str | None,
@@ -32,6 +32,23 @@ MaxTokensOpt = Annotated[
                                 show_default=False),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of the table.")]
+JUDGE = "Judge (--metrics judge)"
+JudgeUrlOpt = Annotated[
+    str | None, typer.Option("--judge-url", help="OpenAI-compatible API of the judge, e.g. http://localhost:11434/v1.",
+                             rich_help_panel=JUDGE, show_default=False),
+]
+JudgeModelOpt = Annotated[
+    str | None, typer.Option("--judge-model", help="The judge's model name on that server, e.g. gpt-4o.",
+                             rich_help_panel=JUDGE, show_default=False),
+]
+JudgeKeyEnvOpt = Annotated[
+    str | None, typer.Option("--judge-key-env", metavar="NAME", rich_help_panel=JUDGE, show_default=False,
+                             help="Environment variable holding the API key (default OPENAI_API_KEY; '' = none)."),
+]
+JudgeRepeatsOpt = Annotated[
+    int | None, typer.Option("--judge-repeats", min=1, rich_help_panel=JUDGE, show_default=False,
+                             help="Grade each story K times and report the judge's own spread (default 1)."),
+]
 
 
 def eval_(
@@ -43,12 +60,16 @@ def eval_(
     max_tokens: MaxTokensOpt = None,
     seed: SeedOpt = None,
     json_: JsonOpt = False,
+    judge_url: JudgeUrlOpt = None,
+    judge_model: JudgeModelOpt = None,
+    judge_key_env: JudgeKeyEnvOpt = None,
+    judge_repeats: JudgeRepeatsOpt = None,
     profile: ProfileOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     print_settings: PrintSettingsOpt = False,
 ) -> None:
-    """Loss, perplexity, bits per byte and story diversity; saves <run>/eval.json."""
+    """Loss, perplexity, bits per byte, story diversity and an LLM judge's grades; saves <run>/eval.json."""
     settings = resolve(
         profile, config, set_,
         flags={
@@ -57,6 +78,10 @@ def eval_(
             "eval.num_samples": (num_samples, "--num-samples"),
             "eval.max_tokens": (max_tokens, "--max-tokens"),
             "eval.seed": (seed, "--seed"),
+            "eval.judge_url": (judge_url, "--judge-url"),
+            "eval.judge_model": (judge_model, "--judge-model"),
+            "eval.judge_key_env": (judge_key_env, "--judge-key-env"),
+            "eval.judge_repeats": (judge_repeats, "--judge-repeats"),
         },
         print_only=print_settings,
         sections=["eval"],
