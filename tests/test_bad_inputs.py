@@ -58,7 +58,8 @@ def run_case(damage: Callable[[Path], None], message: str, command: str = "gener
         damage(run)
         args = {"generate": ["generate", "Once upon a time", "--run", str(run), "-n", "4"],
                 "eval": ["eval", str(run), "--metrics", "distinct-n", "-n", "1"],
-                "quantize": ["quantize", str(run), "--method", "int8", "--profile", "tiny"]}[command]
+                "quantize": ["quantize", str(run), "--method", "int8", "--profile", "tiny"],
+                "push": ["push", str(run), "someone/tiny", "--dry-run"]}[command]
         return args, message.format(run=run)
     return build
 
@@ -145,6 +146,9 @@ CASES: dict[str, tuple[Callable, str]] = {  # name -> (build, the one line, pref
     "config.json that asks for remote code (quantize)": (run_case(
         auto_map, "{run}/config.json asks for remote code (auto_map), which tinystory never runs (use a model that "
         "tinystory or plain transformers wrote)", "quantize"), ""),
+    "config.json that asks for remote code (push)": (run_case(
+        auto_map, "{run}/config.json asks for remote code (auto_map), which tinystory never runs (use a model that "
+        "tinystory or plain transformers wrote)", "push"), ""),
     "pickle .bin weights": (run_case(pickle_weights, "{run} holds pickle weights (.bin), which tinystory never loads "
                                      "(convert them to model.safetensors with transformers (save_pretrained))"), ""),
     "settings file with wrong types": (bad_settings, ""),

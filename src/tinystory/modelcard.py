@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 from huggingface_hub import EvalResult, ModelCardData
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, set_seed
+from transformers import AutoConfig, set_seed
 
 from tinystory.console import warn
-from tinystory.loading import quiet_load
+from tinystory.loading import load_model, quiet_load
 from tinystory.model import count_parameters, describe
 from tinystory.runs import HUB_ID, Run
 from tinystory.settings import GenerateSettings
@@ -362,8 +362,8 @@ def card_sampling(settings: Any) -> dict[str, Any]:
 def generate_samples(run: Path, sampling: dict[str, Any], prompts: tuple[str, ...] = PROMPTS) -> list[dict[str, str]]:
     """One story per prompt with plain transformers `generate` (seeded per prompt, one CPU thread)."""
 
-    tok = AutoTokenizer.from_pretrained(run)
-    model = quiet_load(lambda: AutoModelForCausalLM.from_pretrained(run, dtype=torch.float32)).eval()
+    loaded, tok = quiet_load(lambda: load_model(Run(run), "cpu"))  # checked: no remote code, readable weights
+    model: Any = loaded  # transformers types generate() too loosely for mypy
     args = {k: v for k, v in sampling.items() if k != "seed"}
     threads = torch.get_num_threads()
     # Token-by-token decoding of a small model: a second thread mostly adds sync cost, and on a
