@@ -58,16 +58,17 @@ def test_a_device_that_is_not_here_is_one_line(monkeypatch, asked, built, messag
 
 
 @pytest.mark.parametrize("command", [["generate", "Once", "--device", "mps"], ["train", "--device", "mps"],
-                                     ["serve", "--device", "mps"]])
+                                     ["serve", "--device", "mps"], ["eval", "--device", "mps"]])
 def test_the_flag_and_the_setting_give_the_same_answer(monkeypatch, capsys, command, random_run):
     # no MPS here: every command refuses it in one line, whether asked by flag or by setting
     machine(monkeypatch, cuda=False, mps=False)
-    section = "generate" if command[0] in ("generate", "serve") else "train"
+    section = {"serve": "generate"}.get(command[0], command[0])
     by_setting = [*command[:-2], "--set", f"{section}.device=mps"]
     errors = []
     for args in (command, by_setting):
-        extra = ["--run", str(random_run)] if args[0] == "generate" else [str(random_run)] if args[0] == "serve" \
-            else ["--profile", "tiny", "--max-steps", "1"]
+        extra = {"generate": ["--run", str(random_run)], "serve": [str(random_run)],
+                 "eval": [str(random_run), "--metrics", "length"]}.get(args[0],
+                                                                       ["--profile", "tiny", "--max-steps", "1"])
         with pytest.raises(SystemExit) as e:
             main([*args, *extra])
         errors.append((e.value.code, capsys.readouterr().err.strip().splitlines()[-1]))
@@ -149,7 +150,7 @@ def test_the_mps_plan_uses_its_share_of_unified_memory(monkeypatch):
     settings = load_settings(profile="cpu", env={})
     config = build_config("cpu-3m", 4096)
     ram = 16 * 2**30
-    monkeypatch.setattr(memory.os, "sysconf", lambda name: {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": ram // 4096}[name])
+    monkeypatch.setattr(memory, "ram_bytes", lambda: ram)
     monkeypatch.setattr(memory, "mps_recommended_bytes", lambda: int(0.75 * ram))
     plan = memory.plan(settings, config, "mps")
     assert plan.budget_bytes == int(0.75 * ram) and plan.device == "mps"
@@ -160,6 +161,18 @@ def test_the_mps_plan_uses_its_share_of_unified_memory(monkeypatch):
     assert plan.budget_source == ("75% of this Mac's 16 GiB unified memory (what Metal recommends on most Apple "
                                   "Silicon)")
     assert plan.optimizer == "adamw_torch" and plan.fits
+
+
+def test_dry_run_plans_for_the_device_asked_for(monkeypatch, capsys):
+    # planning a Mac's run on Linux: --device mps --dry-run needs no Apple GPU here
+    machine(monkeypatch, cuda=False, mps=False)
+    monkeypatch.setattr(memory, "ram_bytes", lambda: 16 * 2**30)
+    monkeypatch.setattr(memory, "mps_recommended_bytes", lambda: 0)
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--profile", "cpu", "--device", "mps", "--dry-run"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0
+    assert out.startswith("memory plan (mps, fp32): batch 8 x accumulation 1") and "75% of this Mac's" in out, out
 
 
 def test_an_rtx2070_plan_on_a_mac_counts_the_optimizer_it_would_use():

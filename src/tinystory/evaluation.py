@@ -160,7 +160,7 @@ def evaluate(run: str | Path | None, settings: Settings, metrics: Sequence[str] 
         judge.check()  # a wrong URL, key or model fails here, in seconds, before the model loads
     if ev.threads:
         torch.set_num_threads(ev.threads)
-    model, tokenizer = load_model(the_run, pick_device("auto"))
+    model, tokenizer = load_model(the_run, pick_device(ev.device))
     device = str(model.device)  # a quantized model picks its own
     prepared = (_eval_data(the_run, tokenizer, names, str(data or ev.data or "") or None)
                 if set(names) - {JUDGE} else None)  # the judge's openings ship with tinystory

@@ -39,10 +39,10 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+import psutil
 import torch
 from rich.table import Table
 
@@ -360,7 +360,7 @@ def _budget(settings: Settings, device: str, budget_bytes: int | None) -> tuple[
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         return int(props.total_memory), f"{props.name}"
     if device == "mps":  # unified memory: the GPU gets the share Metal recommends, not all of it
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        ram = ram_bytes()
         recommended = mps_recommended_bytes()
         if recommended:
             return recommended, (f"the Apple GPU's recommended working set, {100 * recommended / ram:.0f}% of "
@@ -368,7 +368,12 @@ def _budget(settings: Settings, device: str, budget_bytes: int | None) -> tuple[
         return int(MPS_SHARE * ram), (f"{100 * MPS_SHARE:.0f}% of this Mac's {ram / GIB:.0f} GiB unified memory "
                                       "(what Metal recommends on most Apple Silicon)")
 
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's RAM"
+    return ram_bytes(), "this machine's RAM"
+
+
+def ram_bytes() -> int:
+    """This machine's physical memory (psutil: Linux, macOS and Windows alike)."""
+    return int(psutil.virtual_memory().total)
 
 
 MPS_SHARE = 0.75  # the usual ratio of Metal's recommendedMaxWorkingSetSize to unified memory

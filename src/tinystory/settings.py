@@ -118,6 +118,8 @@ class EvalSettings:
     top_k: int = setting(0, "top-k sampling for generated stories (0 = off)")
     seed: int = setting(1234, "fixed seed so two evals give the same numbers")
     threads: int = setting(0, "torch CPU threads, 0 = torch's default (1 is faster for tiny models, busy CPUs)")
+    device: str = setting("auto", "where to run: auto = a CUDA GPU, else an Apple GPU (MPS), else the CPU",
+                          ("auto", "cpu", "cuda", "mps"))
     # `--metrics judge`: an OpenAI-compatible model grades stories (tinystory.judge, docs/judge.md)
     judge_url: str = setting("", "the judge's OpenAI-compatible API, e.g. http://localhost:11434/v1 (ollama)")
     judge_model: str = setting("", "the judge's model name as its server knows it, e.g. gpt-4o or llama3.1")

@@ -579,6 +579,7 @@ def _dry_run(settings: Settings) -> None:
         kind, n = parse_spec(settings.data.tokenizer)
         vocab = 32000 if kind == "mistral" else int(n or 0)
     config = build_config(settings.model.preset, vocab)
-    device = "cuda" if settings.profile in ("rtx2070", "a100") else pick_device()
+    asked = settings.train.device  # a plan for the device asked for, present or not (plan a Mac's run on Linux)
+    device = asked if asked != "auto" else "cuda" if settings.profile in ("rtx2070", "a100") else pick_device()
     console.out().print(memory.plan(settings, config, device).render())
     return None

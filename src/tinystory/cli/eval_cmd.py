@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from tinystory.cli.options import ConfigOpt, PrintSettingsOpt, ProfileOpt, RunArg, SeedOpt, SetOpt, resolve
+from tinystory.cli.options import ConfigOpt, DeviceOpt, PrintSettingsOpt, ProfileOpt, RunArg, SeedOpt, SetOpt, resolve
 
 RunsArg = Annotated[
     list[str] | None,
@@ -60,6 +60,7 @@ def eval_(
     max_tokens: MaxTokensOpt = None,
     seed: SeedOpt = None,
     json_: JsonOpt = False,
+    device: DeviceOpt = None,
     judge_url: JudgeUrlOpt = None,
     judge_model: JudgeModelOpt = None,
     judge_key_env: JudgeKeyEnvOpt = None,
@@ -78,6 +79,7 @@ def eval_(
             "eval.num_samples": (num_samples, "--num-samples"),
             "eval.max_tokens": (max_tokens, "--max-tokens"),
             "eval.seed": (seed, "--seed"),
+            "eval.device": (device, "--device"),
             "eval.judge_url": (judge_url, "--judge-url"),
             "eval.judge_model": (judge_model, "--judge-model"),
             "eval.judge_key_env": (judge_key_env, "--judge-key-env"),
