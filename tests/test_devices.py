@@ -102,6 +102,12 @@ def test_precision_per_device(monkeypatch):
     precision.resolve("auto", "mps", model)
     assert probed == [("mps", ("fp32", "fp16", "bf16")), ("cpu", ("fp32", "bf16")), ("mps", ("fp32", "fp16"))]
     assert precision.resolve("fp16", "mps").name == "fp16"  # loss-scaled on MPS (torch >= 2.8)
+    monkeypatch.setattr(torch, "__version__", "2.7.1")  # accelerate has no MPS loss scaler before 2.8
+    assert precision.resolve("auto", "mps", model).reason == "auto: the only precision this torch trains in on mps"
+    assert len(probed) == 3  # nothing to choose between: no probe
+    with pytest.raises(TrainingError, match=r"fp16 training on an Apple GPU needs torch 2.8 or newer \(its loss "
+                                            r"scaler\), this is 2.7.1"):
+        precision.resolve("fp16", "mps")
     with pytest.raises(TrainingError, match="bf16 on an Apple GPU needs macOS 14 or newer"):
         precision.resolve("bf16", "mps")
     with pytest.raises(TrainingError, match="fp16 training needs a CUDA GPU"):

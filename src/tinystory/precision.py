@@ -60,7 +60,10 @@ def resolve(asked: str, device: str, model: PreTrainedModel | None = None, batch
     if device == "mps":
         if asked == "bf16" and not mps_bf16():
             raise TrainingError("bf16 on an Apple GPU needs macOS 14 or newer", "use --precision fp16 or fp32")
-        names: tuple[str, ...] = ("fp32", "fp16", "bf16") if mps_bf16() else ("fp32", "fp16")
+        if asked == "fp16" and not mps_fp16():
+            raise TrainingError(f"fp16 training on an Apple GPU needs torch 2.8 or newer (its loss scaler), this is "
+                                f"{torch.__version__}", "upgrade torch, or use --precision fp32")
+        names: tuple[str, ...] = ("fp32", *(["fp16"] if mps_fp16() else []), *(["bf16"] if mps_bf16() else []))
     elif asked == "fp16":
         raise fp16_needs_cuda()
     else:
@@ -69,8 +72,16 @@ def resolve(asked: str, device: str, model: PreTrainedModel | None = None, batch
         return Precision(asked, f"asked for {asked}", {})
     if model is None:
         return Precision("fp32", "auto without a model to probe: fp32", {})
+    if len(names) == 1:
+        return Precision(names[0], f"auto: the only precision this torch trains in on {device}", {})
     ms = probe(model, batch_shape, steps=probe_steps, names=names, device=device)
     return Precision(*fastest(ms, "this CPU" if device == "cpu" else "this Apple GPU"), ms)
+
+
+def mps_fp16() -> bool:
+    """Whether fp16 trains on an Apple GPU: accelerate's loss scaler (`get_grad_scaler`)
+    supports MPS from torch 2.8 on."""
+    return tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 8)
 
 
 def fastest(ms: dict[str, float], where: str) -> tuple[str, str]:
