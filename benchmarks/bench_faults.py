@@ -75,7 +75,7 @@ if sys.orig_argv[1:4] == ["-m", "tinystory", "train"]:
     if POINT == "final-save":
         original_save = training.save_model_atomic
         def save_model_atomic(model, tokenizer, run_dir):
-            (run_dir / "config.json").write_text("{partial")  # as if the rename of one file had happened
+            (run_dir / "config.json").write_text("{{partial")  # as if the rename of one file had happened
             die()
         training.save_model_atomic = save_model_atomic
 """
@@ -106,7 +106,7 @@ def final_loss(run: Path) -> float:
 
 
 def checkpoint_loads(run: Path) -> bool | None:
-    """The checkpoint `--resume` would pick loads (weights, optimizer, RNG); None: none yet."""
+    """The checkpoint `--resume` would pick loads (weights, optimizer; RNG state present); None: none yet."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -117,8 +117,7 @@ def checkpoint_loads(run: Path) -> bool | None:
         return None
     AutoModelForCausalLM.from_pretrained(str(ckpt))
     torch.load(ckpt / "optimizer.pt", weights_only=True)
-    torch.load(ckpt / "rng_state.pth", weights_only=False)  # the Trainer's own format (numpy state)
-    return True
+    return (ckpt / "rng_state.pth").stat().st_size > 0  # the Trainer's own format (numpy state: not loaded here)
 
 
 # ---------------------------------------------------------------------- training

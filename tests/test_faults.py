@@ -118,6 +118,21 @@ def test_kill_inside_a_checkpoint_save_resumes_to_the_same_losses(point, step, k
     assert all((run / "checkpoints" / name / "complete.json").is_file() for name in marked)
 
 
+def test_a_run_killed_in_its_final_save_resumes_without_an_extra_step(prepared_tiny, reference, tmp_path):
+    # the last checkpoint is at max_steps: the Trainer, resumed there, trains one step more
+    run = tmp_path / "run"
+    import shutil
+
+    shutil.copytree(reference, run)
+    for f in ("model.safetensors", "config.json"):  # the final save never happened
+        (run / f).unlink()
+    r = tinystory("train", "--resume", "--out", str(run), "--set", "train.threads=1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    info = json.loads((run / "run.json").read_text())
+    assert info["steps"] == 30 and eval_loss(run) == eval_loss(reference)
+    assert (run / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()
+
+
 # ----------------------------------------------------------------- full disk
 
 

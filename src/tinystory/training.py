@@ -27,7 +27,8 @@ import torch
 from matplotlib.figure import Figure
 from safetensors.torch import load_file
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, default_data_collator
-from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_callback import PrinterCallback, ProgressCallback, TrainerState
 from transformers.utils import logging as hf_logging
 
 from tinystory import __version__, console, distributed, memory, wandb_mode
@@ -370,10 +371,14 @@ def _train(job: TrainingRun) -> Path:
     stop, early = _callbacks(trainer, status, settings, bool(report_to))
     if job.is_main:
         _announce(job, status, total, fit, len(train_ds))
+    finished = _finished(job.checkpoint, max_steps) if job.checkpoint else None
     stop.install()
     try:
         try:
-            trainer.train(resume_from_checkpoint=str(job.checkpoint) if job.checkpoint else None)
+            if finished is None:
+                trainer.train(resume_from_checkpoint=str(job.checkpoint) if job.checkpoint else None)
+            else:  # the Trainer would train one step past max_steps: only the final eval and save are left
+                _load_finished(trainer, cast(Path, job.checkpoint), finished)
         finally:
             stop.restore()
         return _after_training(job, trainer, status, early)
@@ -382,6 +387,26 @@ def _train(job: TrainingRun) -> Path:
             rotate_checkpoints(job.run_dir / "checkpoints", 0)
         if report_to:
             _end_wandb()
+
+
+def _finished(ckpt: Path, max_steps: int) -> TrainerState | None:
+    """The state of a checkpoint at or past max_steps (a run whose final save was cut short,
+    or one resumed after it finished), else None."""
+    state = TrainerState.load_from_json(str(ckpt / TRAINER_STATE_NAME))
+    return state if state.global_step >= max_steps else None
+
+
+def _load_finished(trainer: StoryTrainer, ckpt: Path, state: TrainerState) -> None:
+    """The weights and state of a finished checkpoint, without a training step."""
+    model = cast(PreTrainedModel, trainer.model)
+    result = model.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=False)
+    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    if result.unexpected_keys or set(result.missing_keys) - tied:
+        raise TrainingError(f"cannot resume: {ckpt} holds other weights than this model "
+                            f"(missing {sorted(set(result.missing_keys) - tied)[:3]}, unexpected "
+                            f"{sorted(result.unexpected_keys)[:3]})", "train it again without --resume")
+    model.tie_weights()
+    trainer.state = state
 
 
 def _callbacks(trainer: StoryTrainer, status: RunStatus, settings: Settings,
