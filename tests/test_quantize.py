@@ -91,6 +91,10 @@ def test_int8_round_trip(random_run, tmp_path):
     assert all(v.dtype == torch.float32 and v.dim() == 1 for k, v in saved.items() if k not in matrices)
     size = (tmp_path / "int8" / I8.INT8_WEIGHTS).stat().st_size
     assert size / (random_run / "model.safetensors").stat().st_size < 0.30
+    for i in range(5):  # byte-identical every time (safetensors writes metadata keys in hash order)
+        I8.save_int8(model, tok, tmp_path / f"again-{i}")
+        assert (tmp_path / f"again-{i}" / I8.INT8_WEIGHTS).read_bytes() == (tmp_path / "int8" / I8.INT8_WEIGHTS
+                                                                             ).read_bytes()
 
     reloaded, tok2 = I8.load_int8(tmp_path / "int8")
     in_memory = I8.build_int8(model.config, I8.int8_state(model))

@@ -153,7 +153,7 @@ def save_int8(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder
     model.generation_config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     with atomic_path(folder / INT8_WEIGHTS) as tmp:
-        save_file(int8_state(model), str(tmp), metadata={"format": "pt", "quantization": "tinystory-int8"})
+        save_file(int8_state(model), str(tmp), metadata={"format": "pt"})  # one key: the same bytes every save
 
 
 def load_int8(path: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
