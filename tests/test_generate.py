@@ -173,12 +173,23 @@ def test_long_prompt_is_cut_from_the_left(trained: Generator, capsys):
     (dict(top_p=0.0), "top_p must be in (0, 1]"),
     (dict(top_k=-1), "top_k must be 0 (off) or more"),
     (dict(max_new_tokens=0), "max_new_tokens must be at least 1"),
-    (dict(repetition_penalty=0.0), "repetition_penalty must be above 0"),
+    (dict(repetition_penalty=0.0), "repetition_penalty must be between 0.01 and 100"),
+    (dict(repetition_penalty=1e-300), "repetition_penalty must be between 0.01 and 100"),
+    (dict(repetition_penalty=101.0), "repetition_penalty must be between 0.01 and 100"),
 ])
 def test_bad_sampling_params(bad: dict, message: str):
     with pytest.raises(SettingsError) as e:
         SamplingParams(**bad).validate()
     assert e.value.message == message
+
+
+def test_a_tiny_temperature_is_greedy_not_a_crash(trained: Generator):
+    # logits / 1e-308 overflow to inf: NaN probabilities, a crash in torch.multinomial
+    for t in (1e-308, 5e-324, 1e-6):
+        assert not SamplingParams(temperature=t).sampling
+        assert trained.generate(PROMPT, SamplingParams(max_new_tokens=12, temperature=t, seed=1)) == \
+            trained.generate(PROMPT, SamplingParams(max_new_tokens=12, greedy=True))
+    assert SamplingParams(temperature=1e-5).sampling
 
 
 def test_run_defaults_sit_between_profile_and_user_settings():

@@ -70,7 +70,8 @@ def sse_payloads(lines) -> list[str]:
 
 
 def test_health_and_models(client, generator):
-    assert client.get("/health").json() == {"status": "ok", "model": generator.name, "busy": False, "waiting": 0}
+    assert client.get("/health").json() == {"status": "ok", "model": generator.name, "busy": False, "waiting": 0,
+                                            "jobs": {"started": 0, "finished": 0, "tokens": 0}}
     models = client.get("/v1/models").json()
     assert models["object"] == "list" and len(models["data"]) == 1
     card = models["data"][0]
@@ -163,6 +164,21 @@ def test_stop_scanner_holds_back_only_a_possible_stop():
     (b'{"prompt": "x", "stop": ["a", ""]}', 400, "stop must be a non-empty string or a list of at most 4 of them"),
     (b'{"prompt": "x", "n": 2}', 400, "n=2 is not supported by tinystory serve"),
     (b'{"prompt": "x", "logprobs": 3}', 400, "logprobs=3 is not supported by tinystory serve"),
+    # found by the fuzz (tests/test_serve_load.py): each of these was a 500
+    (b'{"prompt": "x", "temperature": 1' + b"0" * 400 + b"}", 400,
+     "temperature must be at least 0 and at most 2, got 1" + "0" * 56 + "..."),
+    (b'{"prompt": "x", "temperature": NaN}', 400, "request body is not valid JSON: NaN is not a JSON value"),
+    (b'{"prompt": "x", "repetition_penalty": 1e-300}', 400,
+     "repetition_penalty must be at least 0.01 and at most 100, got 1e-300"),
+    (b'{"prompt": "\\ud800 tail"}', 400, "prompt holds a lone UTF-16 surrogate (such as \\ud800), which is not text"),
+    (b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, "request body is not valid JSON: it nests too deep"),
+    (b'{"prompt": "x", "max_token": 5}', 400, "unknown field \"max_token\": /v1/completions takes best_of, echo, "
+     "frequency_penalty, logit_bias, logprobs, max_tokens, min_tokens, model, n, presence_penalty, prompt, "
+     "repetition_penalty, seed, stop, stream, stream_options, suffix, temperature, top_k, top_p, user"),
+    (b'{"prompt": "x", "model": ["/etc/passwd"]}', 400,
+     'model must be a string, got ["/etc/passwd"]'),
+    (b'{"prompt": "x", "seed": 18446744073709551615}', 400,
+     "seed must be at least -9223372036854775808 and at most 9223372036854775807, got 18446744073709551615"),
     (b'{"prompt": "' + b"x" * (1 << 20) + b'"}', 413, "request body is larger than 1024 KiB"),
     (b'{"prompt": "' + b"x " * 400 + b'", "max_tokens": 200}', 400,
      "the prompt (800 tokens) plus max_tokens (200) is above the model's context of 512 tokens"),
@@ -179,6 +195,19 @@ def test_unknown_route_and_method_are_openai_shaped(client):
     assert client.get("/v1/chat").json()["error"]["message"] == "Not Found"
     r = client.get("/v1/completions")
     assert r.status_code == 405 and r.json()["error"]["message"] == "Method Not Allowed"
+
+
+def test_a_bug_still_answers_one_json_line(generator, monkeypatch):
+    # Guards: an exception of ours reaching the client as Starlette's plain-text 500.
+    from tinystory.serve import ModelWorker
+
+    app = create_app(generator, DEFAULTS)
+    monkeypatch.setattr(ModelWorker, "waiting", property(lambda self: 1 / 0))
+    with TestClient(app, raise_server_exceptions=False) as c:
+        r = c.get("/health")
+    app.state.worker.close()
+    assert r.status_code == 500 and r.json() == {"error": {
+        "message": "ZeroDivisionError: division by zero", "type": "server_error", "param": None, "code": None}}
 
 
 def test_parse_fills_omitted_fields_from_the_server_defaults():

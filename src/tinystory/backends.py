@@ -254,7 +254,7 @@ class GGUFBackend(Backend):
     def token_ids(self, prompt_ids: list[int], params: SamplingParams, seed: int,
                   stop: threading.Event | None) -> Iterator[int]:
         self.llm.set_seed(seed)
-        sampling = dict(temp=0.0, top_k=1) if params.greedy else dict(
+        sampling = dict(temp=0.0, top_k=1) if not params.sampling else dict(
             temp=params.temperature, top_k=params.top_k or 0, top_p=params.top_p)
         tokens = self.llm.generate(prompt_ids, reset=True, repeat_penalty=params.repetition_penalty, **sampling)
         for n, tok in enumerate(tokens, 1):

@@ -25,9 +25,18 @@ class PromptError(TinystoryError):
     """A prompt that cannot be used (empty without allow_empty)."""
 
 
+# Below this temperature sampling is greedy anyway, and logits / 1e-308 overflow to inf
+# (NaN probabilities: a crash); vLLM switches to greedy below the same 1e-5.
+GREEDY_BELOW = 1e-5
+# A repetition penalty outside this range overflows seen tokens' logits to inf or wipes
+# them out; 1.0-1.3 is the useful part.
+PENALTY_RANGE = (0.01, 100.0)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick each next token. `greedy` (or temperature 0) takes the likeliest one."""
+    """How to pick each next token. `greedy` (or a temperature below GREEDY_BELOW, such as 0)
+    takes the likeliest one."""
 
     max_new_tokens: int = 256
     temperature: float = 1.0
@@ -41,7 +50,7 @@ class SamplingParams:
     @property
     def sampling(self) -> bool:
         """True when tokens are drawn at random (not greedy)."""
-        return not self.greedy and self.temperature > 0
+        return not self.greedy and self.temperature >= GREEDY_BELOW
 
     def validate(self) -> SamplingParams:
         """Raise SettingsError naming the bad value; return self."""
@@ -50,7 +59,9 @@ class SamplingParams:
             (self.temperature >= 0, "temperature must be 0 or more", "e.g. --temperature 1.0 (0 = greedy)"),
             (self.top_k >= 0, "top_k must be 0 (off) or more", "e.g. --top-k 40"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]", "e.g. --top-p 0.9 (1.0 = off)"),
-            (self.repetition_penalty > 0, "repetition_penalty must be above 0", "1.0 = off, e.g. 1.1"),
+            (PENALTY_RANGE[0] <= self.repetition_penalty <= PENALTY_RANGE[1],
+             f"repetition_penalty must be between {PENALTY_RANGE[0]:g} and {PENALTY_RANGE[1]:g}",
+             "1.0 = off, e.g. 1.1"),
             (self.min_new_tokens >= 0, "min_new_tokens must be 0 or more", "e.g. 0"),
         ]
         for ok, message, hint in checks:

@@ -3,14 +3,18 @@
     GET  /                 the story page (src/tinystory/web/index.html, no build step)
     POST /v1/completions   OpenAI completions, streaming (server-sent events) or not
     GET  /v1/models        the one model served (plus its size, context and defaults)
-    GET  /health           liveness and queue length
+    GET  /health           liveness, queue length and job counters
 
 One worker thread owns the model. Requests wait in a FIFO queue and run one at a time,
 so two clients never share the model's state (no garbled text) and a seed gives the same
 story whoever else is connected. Each request carries a stop Event: a client that goes
 away, a stop string found in the text, or Ctrl-C sets it, and generation ends at the
-next token. FastAPI and uvicorn are imported only here, inside functions (the `serve`
-extra); nothing else in tinystory needs them.
+next token. The worker never waits for a client: it hands each piece to the request's
+event loop and goes on, so a client that reads slowly (or not at all) holds only its own
+connection, never the model. Anything a client sends that we cannot serve gets a 4xx
+with one JSON line in OpenAI's error shape, never a 500. FastAPI and uvicorn are
+imported only here, inside functions (the `serve` extra); nothing else in tinystory
+needs them.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the endpoints' annotations at run
@@ -37,7 +41,7 @@ from typing import TYPE_CHECKING, Any, overload
 
 from tinystory.console import console, warn
 from tinystory.errors import TinystoryError
-from tinystory.sampling import SamplingParams
+from tinystory.sampling import GREEDY_BELOW, PENALTY_RANGE, SamplingParams
 
 if TYPE_CHECKING:
     from fastapi import FastAPI, Request
@@ -46,8 +50,13 @@ if TYPE_CHECKING:
     from tinystory.sampling import GenerationStats
 
 MAX_WAITING = 32  # queued requests beyond this get 429: a story takes seconds on a CPU
-MAX_BODY_BYTES = 1 << 20
+MAX_BODY_BYTES = 1 << 20  # counted as the body comes, so a chunked body is held to it too
 MAX_STOP_STRINGS = 4  # as in the OpenAI API
+# The fields /v1/completions takes; any other one is refused (a typo such as `max_token`
+# would otherwise be silently ignored). `user` is OpenAI's end-user tag: accepted, unused.
+FIELDS = frozenset({"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed",
+                    "min_tokens", "stream", "stream_options", "stop", "echo", "user", "n", "best_of", "logprobs",
+                    "suffix", "presence_penalty", "frequency_penalty", "logit_bias"})
 EXTRA_HINT = "pip install 'tinystory-llm[serve]'"
 
 
@@ -68,7 +77,11 @@ class BadRequest(Exception):
 
     def __init__(self, message: str, status: int = 400, param: str | None = None) -> None:
         super().__init__(message)
-        self.message, self.status, self.param = message, status, param
+        # A lone surrogate from the client (a JSON "\\ud800", a field name) cannot be
+        # encoded as UTF-8: the error body would then fail to encode, a 500.
+        self.message = message.encode("utf-8", "backslashreplace").decode("utf-8")
+        self.param = None if param is None else param[:60].encode("utf-8", "backslashreplace").decode("utf-8")
+        self.status = status
 
     def body(self) -> dict[str, Any]:
         kind = "invalid_request_error" if self.status < 500 else "server_error"
@@ -87,15 +100,25 @@ class Completion:
     echo: bool = False
 
 
+def _shown(value: Any, limit: int = 60) -> str:
+    """A client's value as JSON for an error line, cut short: it may be a megabyte long."""
+    try:
+        text = json.dumps(value)
+    except (ValueError, RecursionError):  # nested deeper than json.dumps goes
+        text = f"a {type(value).__name__}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _number(body: dict, key: str, default: float, lo: float, hi: float, lo_open: bool = False) -> float:
     value = body.get(key)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise BadRequest(f"{key} must be a number, got {json.dumps(value)}", param=key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:  # NaN
+        raise BadRequest(f"{key} must be a number, got {_shown(value)}", param=key)
+    # Compared as it came: float(10**400) raises OverflowError, and 1e999 is inf (out of range).
     if value < lo or (lo_open and value == lo) or value > hi:
-        span = f"{'above' if lo_open else 'at least'} {lo:g}" + (f" and at most {hi:g}" if hi < math.inf else "")
-        raise BadRequest(f"{key} must be {span}, got {value:g}", param=key)
+        span = f"{'above' if lo_open else 'at least'} {lo:g} and at most {hi:g}"
+        raise BadRequest(f"{key} must be {span}, got {_shown(value)}", param=key)
     return float(value)
 
 
@@ -109,10 +132,10 @@ def _integer(body: dict, key: str, default: int | None, lo: int, hi: float = mat
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int):
-        raise BadRequest(f"{key} must be an integer, got {json.dumps(value)}", param=key)
+        raise BadRequest(f"{key} must be an integer, got {_shown(value)}", param=key)
     if value < lo or value > hi:
-        span = f"at least {lo}" + (f" and at most {hi:g}" if hi < math.inf else "")
-        raise BadRequest(f"{key} must be {span}, got {value}", param=key)
+        span = f"at least {lo}" + (f" and at most {hi}" if hi < math.inf else "")
+        raise BadRequest(f"{key} must be {span}, got {_shown(value)}", param=key)
     return value
 
 
@@ -121,8 +144,17 @@ def _flag(body: dict, key: str) -> bool:
     if value is None:
         return False
     if not isinstance(value, bool):
-        raise BadRequest(f"{key} must be true or false, got {json.dumps(value)}", param=key)
+        raise BadRequest(f"{key} must be true or false, got {_shown(value)}", param=key)
     return value
+
+
+def _is_unicode(text: str) -> bool:
+    """False for a string holding a lone surrogate (JSON "\\ud800"): no tokenizer takes it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _prompt(body: dict) -> str:
@@ -130,19 +162,33 @@ def _prompt(body: dict) -> str:
     if isinstance(prompt, list) and len(prompt) == 1:
         prompt = prompt[0]
     if not isinstance(prompt, str):
-        got = "nothing" if prompt is None else json.dumps(prompt)[:60]
+        got = "nothing" if prompt is None else _shown(prompt)
         raise BadRequest(f"prompt must be a string (one prompt, as text), got {got}", param="prompt")
+    if not _is_unicode(prompt):
+        raise BadRequest("prompt holds a lone UTF-16 surrogate (such as \\ud800), which is not text",
+                         param="prompt")
     return prompt
 
 
 def _stop(body: dict) -> tuple[str, ...]:
     stop = body.get("stop")
     stops = [] if stop is None else [stop] if isinstance(stop, str) else stop
-    ok = isinstance(stops, list) and len(stops) <= MAX_STOP_STRINGS and all(isinstance(s, str) and s for s in stops)
+    ok = isinstance(stops, list) and len(stops) <= MAX_STOP_STRINGS and all(
+        isinstance(s, str) and s and _is_unicode(s) for s in stops)
     if not ok:
         raise BadRequest(f"stop must be a non-empty string or a list of at most {MAX_STOP_STRINGS} of them",
                          param="stop")
     return tuple(stops)
+
+
+def _known_fields(body: dict) -> None:
+    unknown = next((key for key in body if key not in FIELDS), None)
+    if unknown is not None:
+        raise BadRequest(f"unknown field {_shown(unknown)}: /v1/completions takes {', '.join(sorted(FIELDS))}",
+                         param=unknown)
+    for key in ("model", "user"):  # any name: the one model served answers
+        if body.get(key) is not None and not isinstance(body[key], str):
+            raise BadRequest(f"{key} must be a string, got {_shown(body[key])}", param=key)
 
 
 def _unsupported(body: dict) -> None:
@@ -152,28 +198,32 @@ def _unsupported(body: dict) -> None:
         "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "logit_bias": (None, {})}
     for key, ok in neutral.items():
         if key in body and body[key] not in ok:
-            raise BadRequest(f"{key}={json.dumps(body[key])} is not supported by tinystory serve", param=key)
+            raise BadRequest(f"{key}={_shown(body[key])} is not supported by tinystory serve", param=key)
 
 
 def parse_completion(raw: bytes, defaults: "SamplingParams", context_length: int) -> Completion:
     """The request body -> a `Completion`, or `BadRequest` naming the first bad field.
 
     Omitted sampling fields take the server's defaults (`tinystory generate`'s settings and
-    the run's generation_config.json). temperature 0 means greedy, as in the OpenAI API;
+    the run's generation_config.json). temperature 0 means greedy, as in the OpenAI API
+    (and so does any below GREEDY_BELOW); fields it does not know are refused;
     `top_k`, `repetition_penalty` and `min_tokens` are extras (vLLM's names).
     """
     if len(raw) > MAX_BODY_BYTES:
         raise BadRequest(f"request body is larger than {MAX_BODY_BYTES // 1024} KiB", status=413)
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, parse_constant=_not_json)
     except (ValueError, UnicodeDecodeError) as e:
         raise BadRequest(f"request body is not valid JSON: {e}") from None
+    except RecursionError:  # [[[[... a megabyte deep
+        raise BadRequest("request body is not valid JSON: it nests too deep") from None
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object")
+    _known_fields(body)
     _unsupported(body)
     max_tokens = _integer(body, "max_tokens", min(defaults.max_new_tokens, context_length), 1)
     if max_tokens > context_length:
-        raise BadRequest(f"max_tokens is {max_tokens}, above the model's context of {context_length} tokens",
+        raise BadRequest(f"max_tokens is {_shown(max_tokens)}, above the model's context of {context_length} tokens",
                          param="max_tokens")
     temperature = _number(body, "temperature", defaults.temperature, 0, 2)
     top_k = _integer(body, "top_k", defaults.top_k, -1)
@@ -183,16 +233,21 @@ def parse_completion(raw: bytes, defaults: "SamplingParams", context_length: int
         temperature=temperature,
         top_p=_number(body, "top_p", defaults.top_p, 0, 1, lo_open=True),
         top_k=max(top_k, 0),  # -1 (vLLM) and 0 both mean off
-        repetition_penalty=_number(body, "repetition_penalty", defaults.repetition_penalty, 0, math.inf, lo_open=True),
-        greedy=defaults.greedy if "temperature" not in body else temperature == 0,
+        repetition_penalty=_number(body, "repetition_penalty", defaults.repetition_penalty, *PENALTY_RANGE),
+        greedy=defaults.greedy if "temperature" not in body else temperature < GREEDY_BELOW,
         seed=_integer(body, "seed", defaults.seed, -(2**63), 2**63 - 1),
         min_new_tokens=_integer(body, "min_tokens", 0, 0, max_tokens),
     )
     options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
+    if not isinstance(options, dict) or not set(options) <= {"include_usage"}:
         raise BadRequest("stream_options must be an object such as {\"include_usage\": true}", param="stream_options")
     return Completion(prompt=_prompt(body), params=params, stream=_flag(body, "stream"),
                       include_usage=_flag(options, "include_usage"), stop=_stop(body), echo=_flag(body, "echo"))
+
+
+def _not_json(constant: str) -> Any:
+    """json.loads takes NaN and Infinity, which JSON has not: refuse them."""
+    raise ValueError(f"{constant} is not a JSON value")
 
 
 class StopScanner:
@@ -210,7 +265,10 @@ class StopScanner:
         if found:
             self.hit, self.pending = True, ""
             return text[: min(found)]
-        keep = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        # Only ends as long as the text can match: over every k < len(s) this was
+        # quadratic in a stop string's length, a minute per token for a 1 MB one.
+        keep = max((k for s in self.stops for k in range(1, min(len(s), len(text) + 1)) if text.endswith(s[:k])),
+                   default=0)
         self.pending = text[len(text) - keep :] if keep else ""
         return text[: len(text) - keep]
 
@@ -264,13 +322,19 @@ class Job:
 
 
 class ModelWorker:
-    """The one thread that runs the model; jobs run in arrival order."""
+    """The one thread that runs the model; jobs run in arrival order.
+
+    `started`, `finished` and `tokens` count every job the thread took off the queue, every
+    one it is done with (run, refused, or skipped because its client had left) and every
+    token it generated: at rest started == finished, and a client that leaves costs only
+    the tokens made before it left. /health shows them."""
 
     def __init__(self, generator: "Generator") -> None:
         self.generator = generator
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._current: Job | None = None
         self._closed = False
+        self.started = self.finished = self.tokens = 0  # written by the worker thread only
         self._thread = threading.Thread(target=self._loop, name="tinystory-model", daemon=True)
         self._thread.start()
 
@@ -308,9 +372,12 @@ class ModelWorker:
     def _loop(self) -> None:
         while (job := self._jobs.get()) is not None:
             self._current = job
+            self.started += 1
             try:
                 self._run(job)
             finally:
+                self.tokens += job.stats.tokens if job.stats is not None else 0
+                self.finished += 1
                 self._current = None
 
     def _run(self, job: Job) -> None:
@@ -404,6 +471,38 @@ async def _texts(job: Job, scanner: StopScanner) -> AsyncIterator[str]:
             raise value
 
 
+async def _read_body(request: "Request") -> bytes:
+    """The request body, refused with 413 once it passes MAX_BODY_BYTES. Content-Length is
+    checked before reading; a chunked body (no Content-Length) is counted as it comes, so
+    no body over the limit is ever held in memory (uvicorn itself sets no limit)."""
+    from starlette.requests import ClientDisconnect
+
+    too_big = BadRequest(f"request body is larger than {MAX_BODY_BYTES // 1024} KiB", status=413)
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise too_big
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise too_big
+            chunks.append(chunk)
+    except ClientDisconnect:  # it hung up halfway through its body: nobody reads the answer
+        raise BadRequest("the client went away while sending its request") from None
+    return b"".join(chunks)
+
+
+def _check_content_type(request: "Request") -> None:
+    """Only application/json. A browser sends text/plain (or no type) from any web page
+    without asking this server first (no CORS preflight); asking for JSON makes it ask,
+    and we never answer yes, so other sites cannot drive the model."""
+    given = request.headers.get("content-type", "")
+    if given.split(";", 1)[0].strip().lower() != "application/json":
+        raise BadRequest(f"Content-Type must be application/json, got {_shown(given) if given else 'none'}",
+                         status=415)
+
+
 async def _watch_disconnect(request: "Request", job: Job) -> None:
     """Set the job's stop Event when the client goes away (non-streaming, or queued)."""
     while (await request.receive())["type"] != "http.disconnect":
@@ -447,6 +546,23 @@ def page_html(card: dict[str, Any]) -> str:
     return html.replace("/*MODEL_CARD*/null", json.dumps(card).replace("</", "<\\/"))
 
 
+class _ExactPaths:
+    """ASGI wrapper: Starlette matches a route with `$`, which also matches before a final
+    newline, so /health%0A answered as /health and /%0A as the page. Such a path gets the
+    404 of any path we do not serve."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].endswith("\n"):
+            from fastapi.responses import JSONResponse
+
+            await JSONResponse(BadRequest("Not Found", 404).body(), 404)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 def create_app(generator: "Generator", defaults: "SamplingParams | None" = None) -> "FastAPI":
     """The FastAPI app over `generator`; `app.state.worker` owns it (close it when done)."""
     from fastapi import FastAPI, Request
@@ -459,10 +575,19 @@ def create_app(generator: "Generator", defaults: "SamplingParams | None" = None)
     page = page_html(card)
     app = FastAPI(title="tinystory", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.worker = worker
+    # /health/ is a 404 like any unknown path, not a 307 to a URL built from the Host header
+    app.router.redirect_slashes = False
+    app.add_middleware(_ExactPaths)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:  # 404, 405 in OpenAI's shape
         return JSONResponse(BadRequest(str(exc.detail), exc.status_code).body(), exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def bug(request: Request, exc: Exception) -> JSONResponse:
+        # A bug of ours still answers in OpenAI's shape (uvicorn logs the traceback).
+        error = BadRequest(f"{type(exc).__name__}: {exc}", 500)
+        return JSONResponse(error.body(), 500)
 
     @app.get("/", response_class=HTMLResponse)
     async def index() -> HTMLResponse:
@@ -470,7 +595,8 @@ def create_app(generator: "Generator", defaults: "SamplingParams | None" = None)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": generator.name, "busy": worker.busy, "waiting": worker.waiting}
+        jobs = {"started": worker.started, "finished": worker.finished, "tokens": worker.tokens}
+        return {"status": "ok", "model": generator.name, "busy": worker.busy, "waiting": worker.waiting, "jobs": jobs}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -486,9 +612,8 @@ def create_app(generator: "Generator", defaults: "SamplingParams | None" = None)
     @app.post("/v1/completions", response_model=None)
     async def completions(request: Request):
         try:
-            if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:  # before reading it
-                raise BadRequest(f"request body is larger than {MAX_BODY_BYTES // 1024} KiB", status=413)
-            req = parse_completion(await request.body(), defaults, generator.context_length)
+            _check_content_type(request)
+            req = parse_completion(await _read_body(request), defaults, generator.context_length)
             job = Job(req, asyncio.get_running_loop())
             worker.submit(job)
         except BadRequest as e:
