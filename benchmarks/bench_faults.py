@@ -148,8 +148,9 @@ def train_faults(work: Path, env: dict[str, str], kills: int, rng: random.Random
         loads = checkpoint_loads(run)
         resumed = tinystory(["train", "--resume", "--out", str(run), "--set", "train.threads=1"], env)
         fresh = False
-        if resumed.returncode == 1 and "has no complete checkpoint" in resumed.stderr:
-            fresh = True  # killed before the first checkpoint: train it again
+        if resumed.returncode == 1 and ("has no complete checkpoint" in resumed.stderr
+                                        or "does not exist" in resumed.stderr):
+            fresh = True  # killed before the first checkpoint (or the run dir): train it again
             resumed = tinystory(["train", *TRAIN, "--data", str(data), "--out", str(run)], env)
         ok = resumed.returncode == 0 and abs(final_loss(run) / reference - 1) < 1e-4
         trials.append({"kind": kind, "kill_after_s": round(seconds, 2), "step": step, "exit": code,
@@ -281,17 +282,19 @@ def hashlib_hex(data: bytes) -> str:
 
 def full_disk(work: Path, env: dict[str, str]) -> dict:
     """Each writing command with a file-size limit: one line, exit 1, nothing half-written."""
-    limit = 256 * 1024  # bytes: below a checkpoint, a shard or a quantized model
-
-    def limited() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    def limited(limit: int) -> Callable[[], None]:
+        def set_limit() -> None:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        return set_limit
 
     run = work / "disk-run"
     r = tinystory(["train", "--profile", "tiny", "--max-steps", "10", "--set", "train.save_every=5", "--out",
                    str(run)], env)
     assert r.returncode == 0, r.stderr
     before = digest(run / "checkpoints" / "checkpoint-10")
+    prompts = work / "disk-prompts.txt"
+    prompts.write_text("Once upon a time\n" * 40)
     cases = {
         "prepare": (["prepare", "--dataset", "sample", "--tokenizer", "mistral", "--out", str(work / "disk-p")],
                     lambda: not (work / "disk-p").exists() and not list(work.glob(".disk-p.*"))),
@@ -300,15 +303,16 @@ def full_disk(work: Path, env: dict[str, str]) -> dict:
                              and not [p for p in (run / "checkpoints").glob("checkpoint-*")
                                       if not (p / "complete.json").is_file()]),
         "quantize": (["quantize", str(run), "--method", "int8", "--out", str(work / "disk-q"), "--profile", "tiny"],
-                     lambda: not (work / "disk-q").exists()),
-        "generate --out": (["generate", "Once upon a time", "--run", str(run), "-n", "20000", "--allow-empty",
-                            "--greedy", "--out", str(work / "disk.jsonl")],
+                     lambda: not (work / "disk-q").exists() and not list(work.glob(".disk-q.*"))),
+        "generate --out": (["generate", "--run", str(run), "--prompts-file", str(prompts), "--greedy", "-n", "40",
+                            "--out", str(work / "disk.jsonl")],
                            lambda: not (work / "disk.jsonl").exists() and not list(work.glob(".disk.jsonl.*"))),
     }
+    limits = {"quantize": 100 * 1024, "generate --out": 4 * 1024}  # the tiny model's outputs are small
     out = {}
     for name, (args, clean) in cases.items():
         r = subprocess.run([sys.executable, "-m", "tinystory", *args], env=env, capture_output=True, text=True,
-                           preexec_fn=limited, timeout=600)
+                           preexec_fn=limited(limits.get(name, 256 * 1024)), timeout=600)
         lines = r.stderr.strip().splitlines()
         one_line = len([x for x in lines if x.startswith(("error", "Traceback"))]) == 1 and lines[-1].startswith(
             "error: ")

@@ -97,13 +97,18 @@ def test_run_dir_reloads_with_plain_transformers(trained: Path, prepared: Path) 
     from tinystory.data import open_prepared
     from tinystory.evaluation import score_stream
     from tinystory.tokenizer import token_byte_lengths
+    from tinystory.trainer import eval_slice
 
     model = AutoModelForCausalLM.from_pretrained(str(trained))
     tok = AutoTokenizer.from_pretrained(str(trained))
     info = json.loads((trained / "run.json").read_text())
-    val = open_prepared(prepared).tokens("val")[:8192]
-    sums = score_stream(model, val, 64, 8, token_byte_lengths(tok), "cpu")
+    whole = open_prepared(prepared).tokens("val")
+    sums = score_stream(model, eval_slice(whole, 8192, 64), 64, 8, token_byte_lengths(tok), "cpu")
     assert sums["nats"] / sums["tokens"] == pytest.approx(info["best_eval_loss"], abs=1e-5)
+    assert info["eval_slice_tokens"] == 8192
+    sums = score_stream(model, whole, 64, 8, token_byte_lengths(tok), "cpu")  # the final figure: all of it
+    assert sums["nats"] / sums["tokens"] == pytest.approx(info["final_eval"]["eval_loss"], abs=1e-5)
+    assert info["final_eval"]["tokens"] == len(whole) // 64 * 64 > 4 * 8192
     ids = tok("Once upon a time", return_tensors="pt").input_ids
     assert ids[0, 0].item() == 1  # BOS, as in training
     with torch.no_grad():
@@ -130,6 +135,74 @@ def test_resume_reproduces_the_uninterrupted_losses(trained: Path, tmp_path: Pat
         assert after[step]["loss"] == pytest.approx(before[step]["loss"], rel=1e-4)
         assert after[step]["lr"] == pytest.approx(before[step]["lr"], rel=1e-9)
     assert json.loads((run / "run.json").read_text())["steps"] == 30
+
+
+# ------------------------------------------------------------------ time to a target
+
+
+def test_the_eval_slice_is_spread_over_the_whole_split() -> None:
+    # guards "the first 32k tokens of val.bin": the opening stories are easier than the rest
+    import numpy as np
+
+    from tinystory.trainer import eval_slice
+
+    tokens = np.arange(1000 * 64, dtype=np.uint16)  # 1,000 blocks of 64, each block's ids tell where it was
+    picked = eval_slice(tokens, 10 * 64, 64).reshape(-1, 64)[:, 0] // 64
+    assert picked.tolist() == [0, 111, 222, 333, 444, 555, 666, 777, 888, 999]  # first to last, evenly
+    assert eval_slice(tokens, 0, 64) is tokens and eval_slice(tokens, 1000 * 64, 64) is tokens
+
+
+def test_the_slice_estimates_the_whole_split_within_its_error(trained: Path, prepared: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tinystory.data import open_prepared
+    from tinystory.evaluation import score_stream
+    from tinystory.tokenizer import token_byte_lengths
+    from tinystory.trainer import eval_slice
+
+    model = AutoModelForCausalLM.from_pretrained(str(trained))
+    lengths = token_byte_lengths(AutoTokenizer.from_pretrained(str(trained)))
+    whole = open_prepared(prepared).tokens("val")
+    part = score_stream(model, eval_slice(whole, 8192, 64), 64, 8, lengths, bpb_se=True)
+    full = score_stream(model, whole, 64, 8, lengths)
+    bpb = [s["text_nats"] / s["bytes"] / math.log(2) for s in (part, full)]
+    assert 0.005 < part["bpb_se"] < 0.05  # 128 blocks of a 0.14M model: a few hundredths of a bit
+    assert abs(bpb[0] - bpb[1]) < 3 * part["bpb_se"]
+    head = score_stream(model, whole[:8192], 64, 8, lengths)  # what training scored before: the first stories
+    assert abs(bpb[0] - bpb[1]) < abs(head["text_nats"] / head["bytes"] / math.log(2) - bpb[1])
+
+
+def test_target_bpb_stops_at_the_first_evaluation_at_or_below_it(prepared: Path, tmp_path: Path, capsys) -> None:
+    from tinystory.training import train
+
+    # every evaluation on the whole split here (eval_tokens 0), so the first one at or below
+    # the target can be read back from metrics.jsonl
+    probe = train(tiny(prepared, tmp_path / "probe", max_steps=40, eval_every=10, eval_tokens=0))
+    evals = [r for r in rows(probe) if "eval_bpb" in r]
+    assert [r["step"] for r in evals] == [10, 20, 30, 40]
+    target = (evals[1]["eval_bpb"] + evals[2]["eval_bpb"]) / 2  # met first at step 30
+    run = train(tiny(prepared, tmp_path / "run", max_steps=40, eval_every=10, eval_tokens=0, target_bpb=target))
+    info = json.loads((run / "run.json").read_text())
+    assert info["steps"] == 30 and info["stopped_because"] == "target" and info["target_reached"] is True
+    assert info["tokens_to_target"] == 30 * 8 * 64
+    assert 0 < info["time_to_target_s"] < 600
+    assert info["final_eval"]["eval_bpb"] == pytest.approx(evals[2]["eval_bpb"], abs=1e-6)
+    assert info["final_eval"]["eval_bpb"] <= target
+    err = capsys.readouterr().err
+    assert f"target reached at step 30: bpb {evals[2]['eval_bpb']:.4f} <= {target:g}" in err
+    assert f"eval  step 10 (whole val split): loss {evals[0]['eval_loss']:.4f}" in err
+
+
+def test_target_bpb_checks_the_whole_split_and_a_cap_can_miss_it(prepared: Path, tmp_path: Path, capsys) -> None:
+    from tinystory.training import train
+
+    run = train(tiny(prepared, tmp_path / "run", max_steps=20, eval_every=10, target_bpb=0.5))
+    info = json.loads((run / "run.json").read_text())
+    assert info["steps"] == 20 and info["stopped_because"] == "max_steps"  # missed: not an error
+    assert info["target_reached"] is False and info["time_to_target_s"] is None
+    err = capsys.readouterr().err
+    assert "eval  step 10 (8,192-token slice of val):" in err and "target 0.5" in err
+    assert err.strip().splitlines()[-1].endswith("; target 0.5 not reached")
 
 
 def test_early_stopping_triggers(prepared: Path, tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 import torch.distributed as dist
 from transformers import EarlyStoppingCallback, TrainerCallback
@@ -46,6 +47,15 @@ class Schedule:
         return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def command_start() -> float:
+    """When this process started (time.time() scale): the operating system's record, so
+    Python's own start-up and imports count too."""
+    try:
+        return float(psutil.Process().create_time())
+    except psutil.Error:
+        return time.time()
+
+
 @dataclass
 class RunStatus:
     """What the callbacks and the training flow share about the running run: its rates and
@@ -70,10 +80,20 @@ class RunStatus:
     first_bad_step: int = 0
     last_eval: dict[str, float] = field(default_factory=dict)
     best: dict[str, float] = field(default_factory=dict)
+    eval_slice_tokens: int = 0  # tokens of the slice scored while training; 0: the whole split
+    target_bpb: float = 0.0  # --target-bpb, 0 = none
+    target: dict[str, float] = field(default_factory=dict)  # where the target was reached (step, bpb, ...)
+    final_eval: dict[str, float] = field(default_factory=dict)  # the saved model on the whole split
+    command_started: float = field(default_factory=command_start)  # time.time() when the command started
 
     def wall(self) -> float:
         """Training wall time in seconds, earlier sessions included."""
         return self.wall_offset_s + time.monotonic() - self.started
+
+    def since_command_start(self) -> float:
+        """Seconds since this command started (start-up, prepare, compile and probe included),
+        plus the training time of earlier sessions of a resumed run."""
+        return self.wall_offset_s + time.time() - self.command_started
 
 
 def _max_over_ranks(values: list[int], world_size: int) -> list[int]:

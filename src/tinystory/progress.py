@@ -43,9 +43,13 @@ class Display:
     """
 
     def __init__(self, total: Callable[[], int], interactive: bool | None = None,
-                 time_left: Callable[[], float | None] | None = None) -> None:
+                 time_left: Callable[[], float | None] | None = None, slice_tokens: int = 0,
+                 target_bpb: float = 0.0) -> None:
         self.total = total
         self.time_left = time_left
+        # evaluations score a slice of the validation split (labelled so), or all of it
+        self.scope = f" ({slice_tokens:,}-token slice of val)" if slice_tokens else " (whole val split)"
+        self.target = f" target {target_bpb:g}" if target_bpb else ""
         self.interactive = console.interactive() if interactive is None else interactive
         self.fields: dict[str, Any] = {}
         self._live: Any = None
@@ -75,7 +79,8 @@ class Display:
         if "loss" in f:
             parts.append(f"loss {f['loss']:.4f}")
         if "eval_loss" in f:
-            parts.append(f"eval {f['eval_loss']:.4f} (bpb {f.get('eval_bpb', float('nan')):.3f})")
+            parts.append(f"eval {f['eval_loss']:.4f} (bpb {f.get('eval_bpb', float('nan')):.3f}"
+                         f"{' slice' if 'slice' in self.scope else ''}{self.target})")
         if "lr" in f and f["lr"] is not None:
             parts.append(f"lr {f['lr']:.2e}")
         if "tok_per_s" in f:
@@ -97,11 +102,11 @@ class Display:
             self._live.refresh()
             if "eval_loss" in row:  # keep evaluations in the scrollback
                 self._live.console.print(
-                    f"eval at step {step}: loss {row['eval_loss']:.4f}  ppl {row['eval_ppl']:.2f}  "
-                    f"bpb {row['eval_bpb']:.4f}")
+                    f"eval at step {step}{self.scope}: loss {row['eval_loss']:.4f}  ppl {row['eval_ppl']:.2f}  "
+                    f"bpb {row['eval_bpb']:.4f}{self.target}")
         elif "eval_loss" in row:
-            console.info(f"eval  step {step}: loss {row['eval_loss']:.4f}  ppl {row['eval_ppl']:.2f}  "
-                         f"bpb {row['eval_bpb']:.4f}")
+            console.info(f"eval  step {step}{self.scope}: loss {row['eval_loss']:.4f}  ppl {row['eval_ppl']:.2f}  "
+                         f"bpb {row['eval_bpb']:.4f}{self.target}")
         elif "loss" in row:
             console.info(self._line(step))
 

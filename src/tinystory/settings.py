@@ -70,6 +70,8 @@ class TrainSettings:
     max_steps: int = setting(0, "stop after this many optimizer steps (0 = no cap)")
     max_tokens: int = setting(0, "stop after this many training tokens (0 = no cap)")
     minutes: float = setting(0.0, "stop after this much wall time, LR schedule fitted to it (0 = no cap)")
+    target_bpb: float = setting(0.0, "stop at the first evaluation whose bits per byte on the whole validation "
+                                "split is at or below this (0 = off); a length limit still caps the run")
     lr: float = setting(6e-4, "peak learning rate (from scratch; the seed's 2e-5 is for fine-tuning)")
     min_lr_ratio: float = setting(0.1, "cosine decay floor as a fraction of the peak LR")
     warmup_steps: int = setting(100, "linear warmup steps before the cosine decay")
@@ -92,7 +94,8 @@ class TrainSettings:
         "sdpa", "attention kernel: sdpa (PyTorch's fused kernels) or eager (plain matmuls: compiled on a CPU, "
         "1.2x faster at block 256)", ("sdpa", "eager"))
     eval_every: int = setting(200, "optimizer steps between evaluations (0 = only at the end)")
-    eval_tokens: int = setting(65536, "size of the fixed validation slice used during training")
+    eval_tokens: int = setting(65536, "validation tokens scored at each evaluation while training: whole blocks "
+                               "spread evenly over the split (0 = all); the final figure scores all of it")
     early_stopping_patience: int = setting(2, "evaluations without improvement before stopping (0 = off)")
     save_every: int = setting(200, "optimizer steps between checkpoints")
     keep_checkpoints: int = setting(2, "checkpoints kept in the run dir (oldest deleted)")

@@ -58,9 +58,11 @@ class StoryTrainer(Trainer):
     """Trainer with our data order, schedule, NaN watch and bits-per-byte evaluation."""
 
     def __init__(self, *args: Any, status: RunStatus, val: np.ndarray, byte_lengths: np.ndarray,
-                 check_every: int, compile_loss: str | None = None, **kw: Any) -> None:
+                 check_every: int, compile_loss: str | None = None, whole_val: np.ndarray | None = None,
+                 **kw: Any) -> None:
         super().__init__(*args, **kw)
         self.status, self.val, self.byte_lengths, self.check_every = status, val, byte_lengths, check_every
+        self.whole_val = val if whole_val is None else whole_val  # `val` is a slice of it, or all of it
         # compile_loss (a torch.compile mode): one compiled graph from token ids to the
         # summed loss (the Trainer's own compile must then be off): no logits leave the
         # graph, so backward gets no zero gradient for them (docs/notes/gpu.md).
@@ -115,24 +117,77 @@ class StoryTrainer(Trainer):
                 status.nonfinite_steps = 0
         return loss
 
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+    def score(self, tokens: np.ndarray, what: str | None = None) -> dict[str, float]:
+        """eval_loss, eval_ppl and eval_bpb of the model on `tokens` (time counted as eval
+        time); of a slice also `bpb_se`, its standard error over the slice's blocks."""
         t0 = time.monotonic()
-        sums = score_stream(self.model, self.val, self.status.block_size, self.args.per_device_eval_batch_size,
-                            self.byte_lengths, self.args.device, what=None)  # inside the live display
-
+        sliced = tokens is not self.whole_val
+        sums = score_stream(self.model, tokens, self.status.block_size, self.args.per_device_eval_batch_size,
+                            self.byte_lengths, self.args.device, what=what, bpb_se=sliced)
+        self.status.eval_s += time.monotonic() - t0
         loss = sums["nats"] / sums["tokens"]
         out = {"eval_loss": loss, "eval_ppl": m.perplexity(min(loss, 50.0)),
                "eval_bpb": m.bits_per_byte(sums["text_nats"], sums["bytes"])}
-        self.status.eval_s += time.monotonic() - t0
-        self.status.last_eval = dict(out, step=self.state.global_step)
+        return {**out, "bpb_se": sums["bpb_se"]} if sliced else out
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        scored = self.score(self.val)  # the slice, inside the live display
+        se = scored.pop("bpb_se", 0.0)
+        out = scored
+        step = self.state.global_step
+        self.status.last_eval = dict(out, step=step)
         if out["eval_loss"] < self.status.best.get("eval_loss", float("inf")):
-            self.status.best = dict(out, step=self.state.global_step)
+            self.status.best = dict(out, step=step)
             if self.status.is_main:
                 save_best(self.model, self.status)
         self.log(dict(out))
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, out)
+        if self._target_reached(out, se):
+            self.control.should_training_stop = True
         return out
 
+    def _target_reached(self, out: dict[str, float], se: float) -> bool:
+        """--target-bpb: a slice whose bpb is within TARGET_SE standard errors of the target
+        (or below it) is checked on the whole split, and only the whole split's bpb
+        decides. Every rank scores the same tokens, so all take the same decision."""
+        status, target = self.status, self.status.target_bpb
+        if not target or status.target or out["eval_bpb"] - TARGET_SE * se > target:
+            return False
+        whole = out if self.whole_val is self.val else self.score(self.whole_val)
+        if whole["eval_bpb"] > target:
+            if status.is_main:
+                console.info(f"target check at step {self.state.global_step}: bpb {whole['eval_bpb']:.4f} on the "
+                             f"whole validation split, above the target {target:g}")
+            return False
+        status.target = {"step": self.state.global_step, "bpb": whole["eval_bpb"], "loss": whole["eval_loss"],
+                         "time_to_target_s": round(status.since_command_start(), 2),
+                         "tokens_to_target": self.state.global_step * status.tokens_per_step}
+        status.stopped_because = "target"
+        if status.is_main:
+            console.info(f"target reached at step {self.state.global_step}: bpb {whole['eval_bpb']:.4f} <= {target:g} "
+                         f"on the whole validation split, {status.target['time_to_target_s']:.0f} s after the "
+                         "command started")
+        return True
+
+
+
+# A slice bpb less than this many standard errors above the target triggers a check on
+# the whole split (the slice is a sample of its blocks: its error is measured each time).
+TARGET_SE = 3.0
+
+
+def eval_slice(tokens: np.ndarray, n_tokens: int, block_size: int) -> np.ndarray:
+    """About `n_tokens` of a validation stream for evaluations while training: whole blocks
+    of the full evaluation's grid (non-overlapping `block_size` blocks from the start),
+    every k-th, spread evenly from the first block to the last, so the slice is a fair
+    sample of the split rather than its opening stories. All of it when that is no more
+    (or `n_tokens` is 0)."""
+    n_blocks = len(tokens) // block_size
+    k = n_tokens // block_size
+    if not n_tokens or k >= n_blocks:
+        return tokens
+    picks = np.linspace(0, n_blocks - 1, max(1, k)).round().astype(np.int64)  # distinct: k < n_blocks
+    return np.concatenate([np.asarray(tokens[i * block_size:(i + 1) * block_size]) for i in picks])
 
 
 def summed_loss(model: PreTrainedModel, input_ids: Any, labels: Any) -> Any:

@@ -27,7 +27,6 @@ import torch
 from matplotlib.figure import Figure
 from safetensors.torch import load_file
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, default_data_collator
-from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import PrinterCallback, ProgressCallback, TrainerState
 from transformers.utils import logging as hf_logging
 
@@ -53,7 +52,7 @@ from tinystory.progress import Display
 from tinystory.runs import RUN_JSON, Run, latest_checkpoint, read_json, rotate_checkpoints
 from tinystory.settings import Settings, to_toml
 from tinystory.tokenizer import fingerprint, load_tokenizer, parse_spec, token_byte_lengths
-from tinystory.trainer import StoryTrainer, compile_ok, training_args
+from tinystory.trainer import StoryTrainer, compile_ok, eval_slice, training_args
 
 
 @dataclass
@@ -340,11 +339,12 @@ def _train(job: TrainingRun) -> Path:
                             f"{model.config.max_position_embeddings} positions", "lower train.block_size")
     vocab = len(job.tokenizer)
     train_ds = BlockDataset(job.data.tokens("train"), t.block_size, vocab_size=vocab)
-    val = job.data.tokens("val")[: t.eval_tokens]
-    job.data.check_ids("val", vocab, val)
-    if len(val) < t.block_size:
-        raise DataError(f"val.bin of {job.data.path} holds {len(val)} tokens, less than one block of "
+    whole_val = job.data.tokens("val")
+    job.data.check_ids("val", vocab, whole_val)
+    if len(whole_val) < t.block_size:
+        raise DataError(f"val.bin of {job.data.path} holds {len(whole_val)} tokens, less than one block of "
                         f"{t.block_size}", "prepare with a larger validation share, or lower train.block_size")
+    val = eval_slice(whole_val, t.eval_tokens, t.block_size)
     fit = bool(t.minutes) and not (t.max_steps or t.max_tokens)
     step_s, eval_s = _step_time(job) if fit and not job.checkpoint else (0.0, 0.0)
     total, max_steps = _plan_steps(settings, len(train_ds), job.world_size, step_s, eval_s)
@@ -352,7 +352,8 @@ def _train(job: TrainingRun) -> Path:
                        parameters=count_parameters(model.config), peak_flops=peak_flops(job.precision.dtype,
                                                                                         job.device),
                        block_size=t.block_size, schedule=Schedule(t.warmup_steps, total, t.min_lr_ratio),
-                       is_main=job.is_main, world_size=job.world_size, budget_s=t.minutes * 60)
+                       is_main=job.is_main, world_size=job.world_size, budget_s=t.minutes * 60,
+                       target_bpb=t.target_bpb, eval_slice_tokens=0 if val is whole_val else len(val))
     if job.checkpoint is not None:
         _restore_status(status, job.checkpoint)
     if job.is_main:
@@ -366,7 +367,7 @@ def _train(job: TrainingRun) -> Path:
     trainer = StoryTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=BlockDataset(val, t.block_size),
         data_collator=default_data_collator, processing_class=job.tokenizer, compile_loss=compile_loss,
-        status=status, val=val, byte_lengths=token_byte_lengths(job.tokenizer),
+        status=status, val=val, whole_val=whole_val, byte_lengths=token_byte_lengths(job.tokenizer),
         check_every=1 if job.device == "cpu" else max(1, t.log_every * t.grad_accum))
     stop, early = _callbacks(trainer, status, settings, bool(report_to))
     if job.is_main:
@@ -392,7 +393,7 @@ def _train(job: TrainingRun) -> Path:
 def _finished(ckpt: Path, max_steps: int) -> TrainerState | None:
     """The state of a checkpoint at or past max_steps (a run whose final save was cut short,
     or one resumed after it finished), else None."""
-    state = TrainerState.load_from_json(str(ckpt / TRAINER_STATE_NAME))
+    state = TrainerState.load_from_json(str(ckpt / "trainer_state.json"))  # the Trainer's name for it
     return state if state.global_step >= max_steps else None
 
 
@@ -417,7 +418,8 @@ def _callbacks(trainer: StoryTrainer, status: RunStatus, settings: Settings,
         trainer.remove_callback(cb)
     stop = StopControl(status)
     display = Display(lambda: status.schedule.total,
-                      time_left=lambda: status.budget_s - status.wall() if status.budget_s else None)
+                      time_left=lambda: status.budget_s - status.wall() if status.budget_s else None,
+                      slice_tokens=status.eval_slice_tokens, target_bpb=status.target_bpb)
     for ours in (Metrics(status, display), stop, CheckpointMarker(status, t.keep_checkpoints)):
         trainer.add_callback(ours)
     if wandb:
@@ -433,6 +435,8 @@ def _callbacks(trainer: StoryTrainer, status: RunStatus, settings: Settings,
 def _announce(job: TrainingRun, status: RunStatus, total: int, fit: bool, n_blocks: int) -> None:
     t = job.settings.train
     plan = f"~{total} steps fitted to {t.minutes:g} min" if fit else f"{total} steps"
+    if t.target_bpb:
+        plan = f"until bpb {t.target_bpb:g} on the whole validation split, at most {plan}"
     resuming = f"resuming {job.checkpoint.name} of" if job.checkpoint else "training"
     console.info(f"{resuming} {job.settings.model.preset} ({status.parameters / 1e6:.2f}M parameters): {plan}, "
                  f"{status.tokens_per_step:,} tokens a step, {n_blocks:,} blocks of {t.block_size} in the "
@@ -477,17 +481,32 @@ def _after_training(job: TrainingRun, trainer: StoryTrainer, status: RunStatus, 
         trainer.evaluate()  # the final model gets a number even between eval steps
     if job.is_main:
         finalize(job, cast(PreTrainedModel, trainer.model), status)
+        if not status.interrupted:  # the model just saved, on all of the validation split
+            whole = trainer.score(trainer.whole_val, what="scoring the whole validation split")
+            status.final_eval = dict(whole, step=status.best.get("step", state.global_step),
+                                     tokens=len(trainer.whole_val) // status.block_size * status.block_size)
         info = write_run_json(job, status, state, status.stopped_because)
         plot(job.run_dir)
-        console.info(f"trained {info['steps']} steps, {info['tokens_seen']:,} tokens in {info['wall_time_s']:.0f} s "
-                     f"({status.stopped_because}); best eval loss {info['best_eval_loss']:.4f}, "
-                     f"bpb {info['best_eval_bpb']:.4f}" if info["best_eval_loss"] is not None else "")
+        console.info(_summary(info, status))
     distributed.barrier()
     if status.interrupted:
         if job.is_main:
             console.info(f"checkpoint saved; resume with: tinystory train --resume --out {job.run_dir}")
         raise KeyboardInterrupt
     return job.run_dir
+
+
+def _summary(info: dict[str, Any], status: RunStatus) -> str:
+    """The last line on stderr: how far the run went, and the saved model's figures."""
+    line = (f"trained {info['steps']} steps, {info['tokens_seen']:,} tokens in {info['wall_time_s']:.0f} s "
+            f"({status.stopped_because})")
+    final = status.final_eval
+    if final:
+        line += f"; whole validation split: loss {final['eval_loss']:.4f}, bpb {final['eval_bpb']:.4f}"
+    if status.target_bpb:
+        line += (f"; target {status.target_bpb:g} reached in {status.target['time_to_target_s']:.0f} s"
+                 if status.target else f"; target {status.target_bpb:g} not reached")
+    return line
 
 
 # --------------------------------------------------------------- writing the run dir
@@ -512,10 +531,16 @@ def write_run_json(job: TrainingRun, status: RunStatus, state: Any, stopped: str
         "precision": job.precision.name,
         "precision_reason": job.precision.reason,
         "schedule_steps": status.schedule.total,
+        "eval_slice_tokens": status.eval_slice_tokens,  # what best_ and last_eval scored (0: the whole split)
         "best_eval_loss": status.best.get("eval_loss"),
         "best_eval_bpb": status.best.get("eval_bpb"),
         "best_step": status.best.get("step"),
         "last_eval": status.last_eval or None,
+        "final_eval": status.final_eval or None,  # the saved model on the whole validation split
+        "target_bpb": status.target_bpb or None,
+        "target_reached": bool(status.target) if status.target_bpb else None,
+        "time_to_target_s": status.target.get("time_to_target_s"),  # from the command's start
+        "tokens_to_target": status.target.get("tokens_to_target"),
         "init_from": job.init_from,
         "stopped_because": stopped,
     }

@@ -25,6 +25,9 @@ def train(
                                                       rich_help_panel=LIMITS, show_default=False)] = None,
     minutes: Annotated[float | None, typer.Option("--minutes", min=0.01, help="Wall time; the LR schedule is "
                                                   "fitted to it.", rich_help_panel=LIMITS, show_default=False)] = None,
+    target_bpb: Annotated[float | None, typer.Option("--target-bpb", min=0.01, help="Stop at the first evaluation "
+                                                     "at or below this bits per byte on the whole validation split "
+                                                     "(with a length flag as a cap).", show_default=False)] = None,
     device: DeviceOpt = None,
     precision: Annotated[str | None, typer.Option("--precision", help=f"One of {', '.join(PRECISIONS)} "
                                                      "(auto: by device; on CPU a measured probe).",
@@ -48,6 +51,7 @@ def train(
     flags: dict[str, tuple[Any, str]] = {
         "train.data": (str(data) if data else None, "--data"),
         "train.out": (str(out) if out else None, "--out"),
+        "train.target_bpb": (target_bpb, "--target-bpb"),
         "train.device": (device, "--device"),
         "train.precision": (precision, "--precision"),
         "train.wandb": (None if wandb is None else ("on" if wandb else "off"), "--wandb"),
