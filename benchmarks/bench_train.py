@@ -2,6 +2,7 @@
 
     python benchmarks/bench_train.py [--short]          # (a) throughput + (b) seed recipe
     python benchmarks/bench_train.py --quality          # (c) the 15-minute race of issue 12
+    python benchmarks/bench_train.py --time-to-target   # (d) time to llama2.c's 15-minute result
 
 (a) Throughput: tokens/s and MFU of `tinystory train` (the Trainer + our callbacks) on the
     cpu profile's model and batch, against a plain PyTorch loop (llama2.c `train.py`
@@ -15,6 +16,16 @@
 (c) `--quality`: `tinystory train --profile cpu --minutes 15` on the four original shared
     training files (prepared with the cpu profile's BPE), then bits per byte on
     ../shared/data/tinystories/valid.txt and greedy + sampled "Once upon a time" stories.
+
+(d) `--time-to-target`, side by side in one run on this machine, on the four shared
+    training files with valid.txt as the validation split: first llama2.c's recipe as a
+    plain PyTorch loop over llama2.c's own model.py (benchmarks/llama2c_baseline.py) for
+    15 minutes; its bits per byte on the whole of valid.txt is the target X. Then
+    `tinystory train --profile cpu --target-bpb X` (`--runs` times, capped at `--minutes`),
+    timed from the command's start (run.json time_to_target_s: start-up, prepare of the
+    cached data, compile and the precision probe included), and one plain
+    `tinystory train --profile cpu` run of the same 15 minutes for the bpb at equal time,
+    with its greedy and sampled stories.
 
 Each part prints a table; results go to benchmarks/results/train-<part>-<cpu>.json.
 Run it on a quiet machine: other processes on a 2-core CPU change every number.
@@ -321,14 +332,93 @@ def part_c(minutes: float) -> dict:
     return result
 
 
+# ------------------------------------------------------------------- (d) time to target
+
+
+def race_data() -> Path:
+    """The four shared training files with valid.txt as the validation split (the file
+    names give the splits), prepared with the cpu profile's tokenizer (cached)."""
+    from tinystory.prepare import prepare
+    from tinystory.settings import load_settings
+
+    return prepare(load_settings(profile="cpu", overrides={"data.dataset": (str(SHARED / "*.txt"), "bench")}))
+
+
+def ours(data: Path, out: Path, minutes: float, target: float | None) -> dict:
+    """`tinystory train --profile cpu` on the race data in its own process; run.json + stories."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cmd = [sys.executable, "-m", "tinystory", "train", "--profile", "cpu", "--data", str(data), "--out", str(out),
+           "--minutes", f"{minutes:g}", "--no-wandb", *(["--target-bpb", f"{target:.6f}"] if target else [])]
+    print("$", " ".join(cmd[1:]), file=sys.stderr)
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    if proc.returncode:
+        raise SystemExit(proc.returncode)
+    info = json.loads((out / "run.json").read_text())
+    row = {"wall_s": round(time.monotonic() - t0, 1), "steps": info["steps"], "tokens_seen": info["tokens_seen"],
+           "precision": info["precision"], "stopped_because": info["stopped_because"],
+           "valid_bpb": info["final_eval"]["eval_bpb"], "valid_loss": info["final_eval"]["eval_loss"],
+           "time_to_target_s": info.get("time_to_target_s"), "tokens_to_target": info.get("tokens_to_target")}
+    if not target:
+        model = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+        tok = AutoTokenizer.from_pretrained(str(out))
+        prompt = tok("Once upon a time", return_tensors="pt").input_ids
+        with torch.no_grad():
+            greedy = model.generate(prompt, do_sample=False, max_new_tokens=200)
+            torch.manual_seed(0)
+            sampled = model.generate(prompt, do_sample=True, temperature=1.0, top_p=0.9, max_new_tokens=200)
+        row.update(greedy=tok.decode(greedy[0], skip_special_tokens=True),
+                   sampled=tok.decode(sampled[0], skip_special_tokens=True))
+    return row
+
+
+def part_d(runs: int, minutes: float) -> dict:
+    import statistics
+
+    data = race_data()
+    with tempfile.TemporaryDirectory() as tmp:
+        base_json = Path(tmp) / "llama2c.json"
+        subprocess.run([sys.executable, str(ROOT / "benchmarks" / "llama2c_baseline.py"), "--out", str(base_json),
+                        "--minutes", "15"], check=True, cwd=ROOT)
+        base = json.loads(base_json.read_text())
+        target = base["valid_bpb"]
+        timed = [ours(data, Path(tmp) / f"target-{i}", minutes, target) for i in range(runs)]
+        equal = ours(data, Path(tmp) / "15min", 15.0, None)
+    reached = [r["time_to_target_s"] for r in timed if r["time_to_target_s"] is not None]
+    median = statistics.median(reached) if len(reached) == len(timed) else None
+    result = {"cpu": cpu_name(), "llama2c": base, "target_bpb": target, "runs": timed,
+              "median_time_to_target_s": median, "llama2c_time_s": base["train_s"],
+              "ratio_to_llama2c_time": median / (base["minutes"] * 60) if median else None,
+              "equal_time": equal, "bpb_below_llama2c": 1 - equal["valid_bpb"] / target}
+    print(f"\n(d) time to llama2.c's 15-minute result, side by side ({cpu_name()})")
+    print(f"  llama2.c recipe, 15 min: {base['steps']} steps, {base['tok_per_s']:,.0f} tok/s ({base['precision']}); "
+          f"valid.txt bpb {target:.4f} = the target")
+    for i, r in enumerate(timed):
+        when = f"{r['time_to_target_s']:.0f} s" if r["time_to_target_s"] is not None else "not reached"
+        print(f"  tinystory --target-bpb, run {i + 1}: {when} ({r['tokens_to_target'] or r['tokens_seen']:,} tokens)")
+    if median:
+        print(f"  median {median:.0f} s = {result['ratio_to_llama2c_time']:.2f}x llama2.c's 15 minutes")
+    print(f"  tinystory 15 min: valid.txt bpb {equal['valid_bpb']:.4f}, "
+          f"{100 * result['bpb_below_llama2c']:.1f}% below llama2.c's")
+    print(f"  greedy:  {equal['greedy']}\n  sampled: {equal['sampled']}")
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--short", action="store_true", help="(a)/(b) in ~3 minutes: a check that it works")
     ap.add_argument("--quality", action="store_true", help="(c) the 15-minute race instead of (a)/(b)")
     ap.add_argument("--minutes", type=float, default=15.0, help="(c) the race's training time")
     ap.add_argument("--parts", default="a,b", help="which of a,b to run")
+    ap.add_argument("--time-to-target", action="store_true", help="(d) time to llama2.c's 15-minute bpb")
+    ap.add_argument("--runs", type=int, default=3, help="(d) runs of `train --target-bpb` (the median is reported)")
     args = ap.parse_args()
     os.environ.setdefault("TINYSTORY_PLAIN", "1")
+    if args.time_to_target:
+        save("time-to-target", part_d(args.runs, args.minutes))
+        return
     if args.quality:
         save("quality" if args.minutes == 15 else f"quality-{args.minutes:g}min", part_c(args.minutes))
         return
