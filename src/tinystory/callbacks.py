@@ -47,9 +47,10 @@ class Schedule:
         return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def command_start() -> float:
+def process_start() -> float:
     """When this process started (time.time() scale): the operating system's record, so
-    Python's own start-up and imports count too."""
+    Python's own start-up and imports count too. The `tinystory` command counts time to
+    target from here; a library call of `train()` from when it was called."""
     try:
         return float(psutil.Process().create_time())
     except psutil.Error:
@@ -84,7 +85,7 @@ class RunStatus:
     target_bpb: float = 0.0  # --target-bpb, 0 = none
     target: dict[str, float] = field(default_factory=dict)  # where the target was reached (step, bpb, ...)
     final_eval: dict[str, float] = field(default_factory=dict)  # the saved model on the whole split
-    command_started: float = field(default_factory=command_start)  # time.time() when the command started
+    command_started: float = field(default_factory=time.time)  # time.time() when the command started
 
     def wall(self) -> float:
         """Training wall time in seconds, earlier sessions included."""

@@ -70,6 +70,7 @@ class TrainingRun:
     is_main: bool = True
     checkpoint: Path | None = None  # the checkpoint this session resumes, if any
     init_from: str | None = None  # --init-from: the run whose weights it started from
+    started: float = 0.0  # time.time() when the command started (time to target counts from it)
 
 
 # ------------------------------------------------------------------ run dir and data
@@ -263,12 +264,15 @@ def _set_threads(settings: Settings) -> None:
 
 
 def train(settings: Settings, *, resume: bool = False, init_from: str | None = None,
-          dry_run: bool = False) -> Path | None:
+          dry_run: bool = False, started: float | None = None) -> Path | None:
     """Train a model as `settings` says and return its run dir (None for `dry_run`, which
     prints the memory plan instead). `resume` continues the newest complete checkpoint of
     `--out` (else of the newest run); `init_from` starts from a run's or hub model's weights.
-    Ctrl-C saves a checkpoint and raises KeyboardInterrupt; divergence raises TrainingError.
+    `started` (time.time() scale, default now) is when the command started: time to target
+    counts from it. Ctrl-C saves a checkpoint and raises KeyboardInterrupt; divergence
+    raises TrainingError.
     """
+    started = time.time() if started is None else started
     if dry_run:
         _dry_run(settings)
         return None
@@ -315,7 +319,8 @@ def train(settings: Settings, *, resume: bool = False, init_from: str | None = N
         console.info(f"precision: {prec.name} ({prec.reason})")
     if device == "cpu" and settings.train.torch_compile and not prec.step_ms:
         _eager_warmup(model, settings)
-    job = TrainingRun(settings, run_dir, data, tokenizer, model, prec, device, world, rank == 0, ckpt, init_from)
+    job = TrainingRun(settings, run_dir, data, tokenizer, model, prec, device, world, rank == 0, ckpt, init_from,
+                      started)
     return _train(job)
 
 
@@ -353,7 +358,8 @@ def _train(job: TrainingRun) -> Path:
                                                                                         job.device),
                        block_size=t.block_size, schedule=Schedule(t.warmup_steps, total, t.min_lr_ratio),
                        is_main=job.is_main, world_size=job.world_size, budget_s=t.minutes * 60,
-                       target_bpb=t.target_bpb, eval_slice_tokens=0 if val is whole_val else len(val))
+                       target_bpb=t.target_bpb, eval_slice_tokens=0 if val is whole_val else len(val),
+                       command_started=job.started)
     if job.checkpoint is not None:
         _restore_status(status, job.checkpoint)
     if job.is_main:

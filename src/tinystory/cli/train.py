@@ -62,9 +62,10 @@ def train(
                       "train.minutes": (float(minutes or 0.0), flag)})
     settings = resolve(profile, config, set_, flags=flags, print_only=print_settings, sections=["model", "data",
                                                                                                 "train"])
+    from tinystory.callbacks import process_start
     from tinystory.training import train as run_training
 
-    run_dir = run_training(settings, resume=resume, init_from=init_from, dry_run=dry_run)
+    run_dir = run_training(settings, resume=resume, init_from=init_from, dry_run=dry_run, started=process_start())
     if run_dir is not None:
         import os
 
