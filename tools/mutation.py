@@ -1,0 +1,224 @@
+"""Mutation testing of the core modules (issue #37): mutmut 3 changes one operator, number
+or string at a time in the modules where a wrong number would go unnoticed, runs the fast
+tests of that module against each change, and counts the changes no test noticed.
+
+    pip install -e ".[dev]"                      # brings mutmut
+    nice -n 10 python tools/mutation.py          # every module below, one after the other
+    python tools/mutation.py metrics memory      # some of them
+    python tools/mutation.py metrics --keep      # keep the work folder (`mutmut show NAME` there)
+
+Each module runs in a fresh temporary copy of src/, tests/ and pyproject.toml (with a
+[tool.mutmut] table added), so mutmut's `mutants/` folder never lands in the repo, and
+with one worker (`--max-children 1`) at nice 10 (the machine is shared). mutmut runs, for
+each mutant, only the tests of the module's list that call the mutated function, with
+`-x -q -p no:cacheprovider`. The summary (per module: mutants, killed, survived, timeouts,
+score, and every survivor with its diff) goes to benchmarks/results/mutation-<cpu>.json.
+
+Not mutated by mutmut 3 (its rules, not ours): module-level constants, class bodies, and
+functions under a decorator other than @classmethod/@staticmethod (properties).
+
+Not part of CI and not collected by pytest (it lives in tools/). The full run took
+TODO on an AMD EPYC (2 cores shared with benchmarks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _common import cpu_id, cpu_name  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+# module -> (the fast test files that pin it, tests left out: too slow per mutant, or
+# they run the command in a subprocess, which imports the unmutated package)
+MODULES: dict[str, tuple[list[str], list[str]]] = {
+    "metrics": (["tests/test_metrics.py", "tests/test_core_metrics.py"], []),
+    "scoring": (["tests/test_core_scoring.py"], []),
+    "evaluation": (["tests/test_core_evaluation.py"], []),
+    "runs": (["tests/test_core_runs.py"], []),
+    "settings": (["tests/test_settings.py", "tests/test_core_settings.py"], []),
+    "sampling": (["tests/test_core_sampling.py"], []),
+    "memory": (["tests/test_memory.py", "tests/test_core_memory.py"],
+               ["tests/test_memory.py::test_step_peak_matches_torch"]),  # 14 s of real training steps
+}
+
+# Survivors no test can kill: the mutant computes the same thing (checked by reading the
+# code, reason given). Names are mutmut's; they stay the same while the module is unchanged.
+EQUIVALENT: dict[str, str] = {
+    # metrics.self_bleu
+    "tinystory.metrics.x_self_bleu__mutmut_5": "BLEU(effective_order=None): the object only lends its tokenizer, "
+                                               "order and smoothing; compute_bleu gets effective_order=True itself",
+    "tinystory.metrics.x_self_bleu__mutmut_6": "BLEU(effective_order=False): as _5",
+    "tinystory.metrics.x_self_bleu__mutmut_36": "default owner -1 -> +1: a new n-gram always takes the `c > 0` branch, "
+                                                "so the default's owner is never read",
+    "tinystory.metrics.x_self_bleu__mutmut_37": "default owner -1 -> -2: as _36",
+    "tinystory.metrics.x_self_bleu__mutmut_38": "default second 0 -> 1: as _36, the default's second is never read",
+    "tinystory.metrics.x_self_bleu__mutmut_42": "c > best -> c >= best: on a tie both branches store (c, ?, c), and "
+                                                "every text then gets min(c, c)",
+    "tinystory.metrics.x_self_bleu__mutmut_69": "always `second`: for a text that is not the owner, its own count <= "
+                                                "second <= best, so min(c, second) == min(c, best) == c",
+    "tinystory.metrics.x_self_bleu__mutmut_89": "smooth_value=None: it is None for the exp smoothing BLEU uses",
+    "tinystory.metrics.x_self_bleu__mutmut_97": "smooth_value left out: its default is None, as _89",
+    "tinystory.metrics.x_self_bleu__mutmut_99": "max_ngram_order left out: its default 4 is BLEU's order",
+    # scoring: where tensors go. On a CPU (the only device the suite runs on) .to(None) leaves
+    # them where they are, exactly like .to("cpu"); tests/test_cuda.py covers CUDA
+    "tinystory.scoring.x_score_blocks__mutmut_73": "x.to(None) instead of x.to(device): the same on a CPU",
+    "tinystory.scoring.x_score_blocks__mutmut_104": "targets.to(None) instead of the logits' device: the same on a CPU",
+    "tinystory.scoring.x_score_stream__mutmut_21": "device None passed on: the same on a CPU",
+    # sampling
+    "tinystory.sampling.xǁHFTokenizerMixinǁencode__mutmut_2": "encode('') is [] too: the guard only saves a call",
+    # runs
+    "tinystory.runs.x_read_json__mutmut_3": "encoding=None is the locale's, UTF-8 on every machine we test on (a "
+                                            "Latin-1 locale would misread non-ASCII JSON; not settable in-process)",
+    "tinystory.runs.x_read_json__mutmut_5": "'UTF-8' and 'utf-8' name the same codec",
+    "tinystory.runs.x_rotate_checkpoints__mutmut_20": "keep >= 0: at keep 0, complete[:-0] is complete[:0], empty",
+    "tinystory.runs.xǁRunǁopen__mutmut_77": "the startswith check cannot be true once HUB_ID matched (it needs a "
+                                            "letter or digit first): dead code, not a bug",
+    "tinystory.runs.xǁRunǁopen__mutmut_78": "as _77",
+    "tinystory.runs.xǁRunǁopen__mutmut_79": "as _77",
+    "tinystory.runs.xǁRunǁopen__mutmut_80": "as _77",
+    "tinystory.runs.xǁRunǁweights_sha256__mutmut_18": "read(None) reads the file at once: the same hash",
+    "tinystory.runs.xǁRunǁweights_sha256__mutmut_20": "a 2 MiB read size: the same hash",
+    "tinystory.runs.xǁRunǁweights_sha256__mutmut_21": "a 2 MiB read size: the same hash",
+}
+
+# mutmut's exit codes (mutmut/stats.py); "no tests": no selected test calls the function
+STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped",
+          36: "timeout", -24: "timeout", 24: "timeout", 152: "timeout", 255: "timeout", 37: "type check",
+          -11: "segfault", -9: "segfault"}
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def cpu_slug() -> str:
+    """'AMD EPYC' + family 23 model 1 -> 'amd-epyc-f23m1'."""
+    fm = re.fullmatch(r"family (\d+) model (\d+)", cpu_id())
+    return slug(cpu_name()) + (f"-f{fm[1]}m{fm[2]}" if fm else "")
+
+
+def mutmut_config(module: str, tests: list[str], deselect: list[str]) -> str:
+    selection = [*tests, *(arg for t in deselect for arg in ("--deselect", t))]
+    return "\n".join([
+        "", "[tool.mutmut]",
+        'source_paths = ["src"]',
+        f'only_mutate = ["src/tinystory/{module}.py"]',
+        'pytest_add_cli_args = ["-p", "no:cacheprovider"]',  # mutmut adds -x -q
+        f"pytest_add_cli_args_test_selection = {json.dumps(selection)}",
+        'process_isolation = "forkserver"',  # torch is not fork-safe after it has run
+        "use_git_change_detection = false",
+        "",
+    ])
+
+
+def prepare_workdir(module: str) -> Path:
+    """A temporary copy of what the tests need, with mutmut's table in pyproject.toml."""
+    work = Path(tempfile.mkdtemp(prefix=f"mutation-{module}-"))
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", ".pytest_cache")
+    shutil.copytree(ROOT / "src", work / "src", ignore=ignore)
+    shutil.copytree(ROOT / "tests", work / "tests", ignore=ignore)
+    tests, deselect = MODULES[module]
+    pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    (work / "pyproject.toml").write_text(pyproject + mutmut_config(module, tests, deselect), encoding="utf-8")
+    return work
+
+
+def mutmut_exe() -> str:
+    exe = Path(sys.executable).parent / "mutmut"
+    if not exe.exists():
+        sys.exit("mutmut is not installed: pip install -e '.[dev]'")
+    return str(exe)
+
+
+def run_module(module: str, keep: bool) -> dict:
+    work = prepare_workdir(module)
+    print(f"== {module}: {work}", flush=True)
+    start = time.perf_counter()
+    log = work / "mutmut.log"
+    with open(log, "w", encoding="utf-8") as f:
+        rc = subprocess.run([mutmut_exe(), "run", "--max-children", "1"], cwd=work, stdout=f,
+                            stderr=subprocess.STDOUT).returncode
+    seconds = time.perf_counter() - start
+    meta = work / "mutants" / "src" / "tinystory" / f"{module}.py.meta"
+    if rc != 0 or not meta.is_file():
+        tail = log.read_text(encoding="utf-8", errors="replace")[-3000:]
+        raise SystemExit(f"mutmut failed on {module} (exit {rc}), work folder {work}:\n{tail}")
+    codes = json.loads(meta.read_text(encoding="utf-8"))["exit_code_by_key"]
+    status = {name: STATUS.get(code, "suspicious") for name, code in codes.items()}
+    counts: dict[str, int] = {}
+    for s in status.values():
+        counts[s] = counts.get(s, 0) + 1
+    detected = counts.get("killed", 0) + counts.get("timeout", 0)
+    survivors = {}
+    for name in sorted(n for n, s in status.items() if s not in ("killed", "timeout")):
+        diff = subprocess.run([mutmut_exe(), "show", name], cwd=work, capture_output=True, text=True).stdout
+        survivors[name] = {"status": status[name], "diff": _diff_lines(diff), "equivalent": EQUIVALENT.get(name)}
+    stale = sorted(n for n in EQUIVALENT if n.startswith(f"tinystory.{module}.") and n not in survivors)
+    if stale:
+        print(f"   listed as equivalent but killed or gone (check the list): {', '.join(stale)}", flush=True)
+    equivalent = sum(1 for v in survivors.values() if v["equivalent"])
+    result = {"mutants": len(status), "killed": counts.get("killed", 0), "timeout": counts.get("timeout", 0),
+              "survived": len(status) - detected, "equivalent": equivalent, "by_status": counts,
+              "score": round(100 * detected / len(status), 1) if status else None,
+              "score_without_equivalent": (round(100 * detected / (len(status) - equivalent), 1)
+                                           if len(status) > equivalent else None),
+              "seconds": round(seconds), "tests": MODULES[module][0], "deselected": MODULES[module][1],
+              "survivors": survivors}
+    print(f"   {len(status)} mutants, {detected} killed ({result['score']}%), {len(survivors)} survived "
+          f"({equivalent} equivalent), {seconds / 60:.1f} min", flush=True)
+    if keep:
+        print(f"   kept {work}", flush=True)
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+def _diff_lines(diff: str) -> list[str]:
+    """The changed lines of `mutmut show`'s diff."""
+    return [line for line in diff.splitlines()
+            if line[:1] in "+-" and not line.startswith(("+++", "---"))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("modules", nargs="*", help=f"some of {', '.join(MODULES)} (default: all)")
+    ap.add_argument("--keep", action="store_true", help="keep each module's work folder")
+    ap.add_argument("--out", type=Path, default=None, help="JSON summary (default benchmarks/results/...)")
+    args = ap.parse_args()
+    unknown = [m for m in args.modules if m not in MODULES]
+    if unknown:
+        ap.error(f"unknown module {unknown[0]!r}: use some of {', '.join(MODULES)}")
+    os.nice(10)  # a shared machine: the benchmarks come first
+    modules = args.modules or list(MODULES)
+    out = args.out or RESULTS / f"mutation-{cpu_slug()}.json"
+    summary = json.loads(out.read_text(encoding="utf-8")) if out.is_file() else {}
+    summary.update(cpu=cpu_name(), cpu_id=cpu_id(), cores=os.cpu_count(), python=sys.version.split()[0])
+    summary["mutmut"] = subprocess.run([mutmut_exe(), "--version"], capture_output=True, text=True).stdout.strip()
+    summary.setdefault("modules", {})
+    start = time.perf_counter()
+    for module in modules:
+        summary["modules"][module] = run_module(module, args.keep)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    print(f"\n{'module':<12}{'mutants':>8}{'killed':>8}{'timeout':>8}{'survived':>9}{'equiv.':>7}{'score':>8}"
+          f"{'min':>6}")
+    for name, r in summary["modules"].items():
+        print(f"{name:<12}{r['mutants']:>8}{r['killed']:>8}{r['timeout']:>8}{r['survived']:>9}{r['equivalent']:>7}"
+              f"{r['score']:>7}%{r['seconds'] / 60:>6.1f}")
+    print(f"\n{len(modules)} modules in {(time.perf_counter() - start) / 60:.1f} min; wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
