@@ -20,7 +20,7 @@ from rich.console import Console
 from tinystory import __version__, evaluation
 from tinystory import judge as J
 from tinystory import metrics as M
-from tinystory.errors import DataError, SettingsError
+from tinystory.errors import DataError, RunError, SettingsError
 from tinystory.evaluation import continue_prompts, evaluate, parse_metrics, save_eval, table, val_stories
 from tinystory.loading import load_model
 from tinystory.runs import Run
@@ -460,3 +460,104 @@ def test_fmt():
     assert evaluation._fmt(None, "{:.2f}") == "-"
     assert evaluation._fmt(float("nan"), "{:.2f}") == "nan"
     assert evaluation._fmt(0.25, "{:.1%}") == "25.0%" and evaluation._fmt(3, "{:.2f}") == "3.00"
+
+
+# ------------------------------------------------------------- survivors of mutation testing
+
+
+def test_a_stream_that_starts_without_bos_keeps_its_first_token():
+    assert [s.tolist() for s in val_stories(np.array([5, 6, 2, 7, 2], dtype=np.uint16), 1, 2, 5)] == [[5, 6], [7]]
+
+
+def test_fmt_of_nan_is_nan_in_every_format():
+    assert evaluation._fmt(float("nan"), "{:.1%}") == "nan"  # not "nan%"
+
+
+def test_a_gguf_file_is_refused_with_its_fix(tmp_path, settings):
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    with pytest.raises(RunError) as e:
+        evaluate(gguf, settings, ["ppl"], save=False)
+    assert (e.value.message, e.value.hint) == (
+        "model.gguf is a GGUF file, which eval cannot score",
+        "evaluate the run dir (or an int8 folder) instead; quantize reports the GGUF's bpb")
+
+
+def test_the_device_setting_is_checked_before_the_model_loads(run, settings):
+    with pytest.raises(SettingsError, match="the device is cuda but no CUDA GPU is visible"):
+        evaluate(run, settings.replace(eval__device="cuda"), ["ppl"], save=False)
+
+
+def test_metrics_default_to_the_settings(run, settings):
+    r = evaluate(run, settings.replace(eval__metrics=["ppl"]), save=False)
+    assert set(r["metrics"]) == {"ppl"}
+
+
+def test_block_size_without_the_runs_settings_comes_from_the_settings_capped_at_the_model(run, settings, model):
+    (run / "settings.toml").unlink()
+    assert evaluate(run, settings.replace(train__block_size=32), ["ppl"], save=False)["settings"]["block_size"] == 32
+    big = evaluate(run, settings.replace(train__block_size=100_000), ["ppl"], save=False)
+    assert big["settings"]["block_size"] == model.config.max_position_embeddings < 100_000
+
+
+def test_a_hub_run_is_named_by_its_id(run, settings, monkeypatch):
+    monkeypatch.setattr(Run, "open", staticmethod(lambda ref: Run(run, local=False)))
+    assert evaluate("someone/tiny-stories", settings, ["ppl"], save=False)["name"] == "someone/tiny-stories"
+
+
+def test_the_model_settings_and_device_reach_every_sampling_call(run, settings, monkeypatch):
+    calls = []
+
+    def fake(m, t, prompts, ev, device, what="sampling"):
+        calls.append((type(m).__name__, ev, device, what, len(prompts)))
+        return [("a b", True)] * len(prompts)
+
+    labels = []
+    real_bar = evaluation.bar
+    monkeypatch.setattr(evaluation, "continue_prompts", fake)
+    monkeypatch.setattr(evaluation, "bar", lambda n, what: labels.append((n, what)) or real_bar(n, what))
+    evaluate(run, settings, ["length", "bleu"], save=False)
+    assert calls == [("MistralForCausalLM", settings.eval, "cpu", "sampling", 3),
+                     ("MistralForCausalLM", settings.eval, "cpu", "continuing", 3)]
+    monkeypatch.setattr(evaluation, "continue_prompts", continue_prompts)
+    monkeypatch.setattr(J.Judge, "check", lambda self: None)
+    monkeypatch.setattr(J.Judge, "grade_all", lambda self, stories, repeats=1, what="": [[J.Answer(
+        grades={"grammar": 6.0, "creativity": 4.0, "consistency": 5.0, "plot": 3.0}, age_group="C")]] * len(stories))
+    s = settings.replace(eval__judge_url="http://127.0.0.1:9/v1", eval__judge_model="m", eval__judge_key_env="",
+                         eval__judge_openings=2, eval__judge_samples=1, eval__judge_reference=False)
+    evaluate(run, s, ["judge"], save=False)
+    assert labels == [(2, "completing openings")]
+
+
+def test_save_eval_writes_indented_json_and_merges_groups_the_old_file_lacked(tmp_path):
+    old = result(metrics={"loss": 2.0})
+    del old["reference"], old["counts"]  # an eval.json written before these groups existed
+    save_eval(tmp_path, old)
+    merged = save_eval(tmp_path, result(metrics={"ppl": 7.0}, reference={"length": 5.0}, counts={"tokens": 3}))
+    assert merged["reference"] == {"length": 5.0} and merged["counts"] == {"tokens": 3}
+    assert (tmp_path / "eval.json").read_text() == json.dumps(merged, indent=2) + "\n"
+
+
+def test_a_table_without_reference_rows():
+    alone = {"name": "x", "metrics": {"ppl": 3.0}, "counts": {}, "settings": SETTINGS}  # no "reference" key
+    assert render([alone])[1:3] == ["metric x", "perplexity 3.000"]
+
+
+def test_table_layout_left_title_and_caption_right_aligned_numbers_folded_names_dim_reference():
+    r = {"name": "run20261207tinyseed7", "metrics": {"ppl": 3.43, "length": 99.94}, "reference": {"length": 150.0},
+         "counts": {"tokens": 630}, "settings": SETTINGS}
+    console = Console(width=46, record=True, force_terminal=True, color_system="standard")
+    console.print(table([r]))
+    styled = console.export_text(styles=True, clear=False)
+    lines = [line.rstrip() for line in console.export_text().splitlines()]
+    assert lines[:6] == [
+        "tinystory eval",  # left, not centred
+        "┏━━━━━━━━━━━━━━┳━━━━━━━━━━━━━━━┳━━━━━━━━━━━━━┓",
+        "┃              ┃ run20261207ti ┃             ┃",  # a long run name folds, never "run2026…"
+        "┃ metric       ┃       nyseed7 ┃ val stories ┃",
+        "┡━━━━━━━━━━━━━━╇━━━━━━━━━━━━━━━╇━━━━━━━━━━━━━┩",
+        "│ perplexity   │         3.430 │           - │",  # numbers right-aligned
+    ]
+    assert lines[6] == "│ length       │          99.9 │       150.0 │"
+    assert lines[-1] == "stories cut at the same token limit."  # the legend, left
+    assert "\x1b[2m      150.0\x1b[0m" in styled  # the real stories' column is dim

@@ -78,6 +78,47 @@ EQUIVALENT: dict[str, str] = {
     "tinystory.scoring.x_score_stream__mutmut_21": "device None passed on: the same on a CPU",
     # sampling
     "tinystory.sampling.xǁHFTokenizerMixinǁencode__mutmut_2": "encode('') is [] too: the guard only saves a call",
+    # evaluation: where tensors go, as in scoring (a device left out defaults to "cpu")
+    "tinystory.evaluation.x_continue_prompts__mutmut_60": "torch.tensor(device=None) is on the CPU: the same on a CPU",
+    "tinystory.evaluation.x_continue_prompts__mutmut_62": "device left out: as _60",
+    "tinystory.evaluation.x_continue_prompts__mutmut_69": "as _60, for the attention mask",
+    "tinystory.evaluation.x_continue_prompts__mutmut_71": "as _62, for the attention mask",
+    "tinystory.evaluation.x_evaluate__mutmut_114": "loss_metrics(device=None): score_stream's tensors stay on the "
+                                                   "CPU, the same on a CPU",
+    "tinystory.evaluation.x_evaluate__mutmut_155": "continue_prompts' device left out: its default is 'cpu'",
+    "tinystory.evaluation.x_evaluate__mutmut_207": "judge_metric(device=None): continue_prompts' tensors stay on "
+                                                   "the CPU, the same on a CPU",
+    "tinystory.evaluation.x_judge_metric__mutmut_11": "continue_prompts(device=None): the same on a CPU",
+    "tinystory.evaluation.x_judge_metric__mutmut_17": "continue_prompts' device left out: its default is 'cpu'",
+    "tinystory.evaluation.x_loss_metrics__mutmut_14": "score_stream(device=None): the same on a CPU",
+    "tinystory.evaluation.x_loss_metrics__mutmut_20": "score_stream's device left out: the same on a CPU",
+    # evaluation: the rest
+    "tinystory.evaluation.x_val_stories__mutmut_6": "a 128 Ki-token read chunk instead of 64 Ki: the same stories "
+                                                    "(the chunk only bounds how much is read at once)",
+    "tinystory.evaluation.x_val_stories__mutmut_7": "as _6",
+    "tinystory.evaluation.x_val_stories__mutmut_9": "len(out) <= limit: the slice ends[: limit - len(out)] is empty "
+                                                    "then, so the extra chunks add nothing",
+    "tinystory.evaluation.x_val_stories__mutmut_10": "pos <= len(tokens): one more pass over an empty chunk",
+    "tinystory.evaluation.x__cut_text__mutmut_7": "at exactly `limit` tokens both give the text: the cut text is the "
+                                                  "decoded ids, and the byte-level BPE decodes them to the same text",
+    "tinystory.evaluation.x_parse_metrics__mutmut_17": "get_close_matches puts the best match first whatever n, and "
+                                                       "only close[0] is shown",
+    "tinystory.evaluation.x_parse_metrics__mutmut_18": "as _17",
+    "tinystory.evaluation.x_save_eval__mutmut_7": "encoding=None is the locale's, UTF-8 here (as runs.read_json)",
+    "tinystory.evaluation.x_save_eval__mutmut_9": "'UTF-8' and 'utf-8' name the same codec",
+    "tinystory.evaluation.x_save_eval__mutmut_10": "old = '' after unreadable JSON: as falsy as None, so nothing "
+                                                   "merges either way",
+    "tinystory.evaluation.x_table__mutmut_81": "rich reads style names case-blind: 'DIM' is 'dim'",
+    "tinystory.evaluation.x_table__mutmut_85": "a result's reference keys are always among its metrics keys "
+                                               "(evaluate makes the reference row for the metrics it computed, and "
+                                               "save_eval merges both groups alike), so `present` is the same",
+    "tinystory.evaluation.x_table__mutmut_89": "as _85",
+    "tinystory.evaluation.x_table__mutmut_90": "as _85",
+    "tinystory.evaluation.x_table__mutmut_135": "rich pads a row that has fewer cells than columns with empty cells: "
+                                                "the trailing '' cells only say so",
+    "tinystory.evaluation.x_table__mutmut_152": "as _135",
+    "tinystory.evaluation.x_table__mutmut_164": "as _135",
+    "tinystory.evaluation.x_table__mutmut_171": "as _135",
     # runs
     "tinystory.runs.x_read_json__mutmut_3": "encoding=None is the locale's, UTF-8 on every machine we test on (a "
                                             "Latin-1 locale would misread non-ASCII JSON; not settable in-process)",
