@@ -124,11 +124,6 @@ EQUIVALENT: dict[str, str] = {
                                             "Latin-1 locale would misread non-ASCII JSON; not settable in-process)",
     "tinystory.runs.x_read_json__mutmut_5": "'UTF-8' and 'utf-8' name the same codec",
     "tinystory.runs.x_rotate_checkpoints__mutmut_20": "keep >= 0: at keep 0, complete[:-0] is complete[:0], empty",
-    "tinystory.runs.xǁRunǁopen__mutmut_77": "the startswith check cannot be true once HUB_ID matched (it needs a "
-                                            "letter or digit first): dead code, not a bug",
-    "tinystory.runs.xǁRunǁopen__mutmut_78": "as _77",
-    "tinystory.runs.xǁRunǁopen__mutmut_79": "as _77",
-    "tinystory.runs.xǁRunǁopen__mutmut_80": "as _77",
     "tinystory.runs.xǁRunǁweights_sha256__mutmut_18": "read(None) reads the file at once: the same hash",
     "tinystory.runs.xǁRunǁweights_sha256__mutmut_20": "a 2 MiB read size: the same hash",
     "tinystory.runs.xǁRunǁweights_sha256__mutmut_21": "a 2 MiB read size: the same hash",

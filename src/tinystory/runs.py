@@ -136,7 +136,7 @@ class Run:
             missing = "config.json" if not (path / "config.json").is_file() else "model.safetensors"
             raise RunError(f"{path} holds no trained model ({missing} is missing)",
                            "train first, or pass a run dir or one of its checkpoints")
-        if HUB_ID.match(str(ref)) and not str(ref).startswith((".", "/", "~")):
+        if HUB_ID.match(str(ref)):  # (a letter or digit first: never ".", "/" or "~")
             try:
                 validate_repo_id(str(ref))  # no "..", "--" or other names the Hub refuses
             except HFValidationError:
