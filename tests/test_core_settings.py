@@ -289,3 +289,25 @@ def test_print_settings_table(monkeypatch):
     assert "settings (profile cpu)" in text and "eval.metrics ('loss', 'ppl', 'bpb') default" in " ".join(
         text.replace("│", " ").split())
     assert "serve.port" in text and "data.dataset" in text
+
+
+def test_print_settings_layout_left_title_folded_values_and_bold_for_what_was_set(monkeypatch):
+    console = Console(width=60, record=True, force_terminal=True, color_system="standard")
+    monkeypatch.setattr("tinystory.console.out", lambda: console)
+    s = load_settings(profile="tiny", env={}, overrides={"serve.host": ("x" * 30, "--host")})
+    S.print_settings(s, ["serve"])
+    styled = console.export_text(styles=True, clear=False)
+    lines = [line.rstrip() for line in console.export_text().splitlines()]
+    assert lines[0] == "settings (profile tiny)"  # left, not centred
+    host = next(line for line in lines if "serve.host" in line)
+    assert "xxxxxxxxxxxx" in host and "…" not in "".join(lines)  # a long value folds onto more lines
+    assert "\x1b[1mserve.host" in styled  # set by a flag: bold
+    assert "\x1b[1mserve.port" not in styled and "serve.port" in styled  # a default: plain
+
+
+def test_no_nvidia_driver_on_a_mac_whatever_is_on_path(monkeypatch):
+    monkeypatch.setattr("sys.platform", "darwin")
+    monkeypatch.setattr("shutil.which", lambda name: "/usr/local/bin/nvidia-smi")
+    assert S.nvidia_driver_present() is False
+    monkeypatch.setattr("sys.platform", "linux")
+    assert S.nvidia_driver_present() is True

@@ -119,6 +119,27 @@ EQUIVALENT: dict[str, str] = {
     "tinystory.evaluation.x_table__mutmut_152": "as _135",
     "tinystory.evaluation.x_table__mutmut_164": "as _135",
     "tinystory.evaluation.x_table__mutmut_171": "as _135",
+    # settings
+    "tinystory.settings.xǁSettingsǁget__mutmut_5": "split('.') without a limit: a setting name has one dot "
+                                                  "(section.key; unknown names are refused first), so every split "
+                                                  "gives the same two parts",
+    "tinystory.settings.xǁSettingsǁget__mutmut_6": "rsplit: as _5",
+    "tinystory.settings.xǁSettingsǁget__mutmut_8": "split limit 2: as _5",
+    "tinystory.settings.x_explain__mutmut_5": "as Settings.get _5",
+    "tinystory.settings.x_explain__mutmut_6": "as Settings.get _6",
+    "tinystory.settings.x_explain__mutmut_8": "as Settings.get _8",
+    "tinystory.settings.x_explain__mutmut_10": "every field is made by setting(), which always stores a `why`, so "
+                                               "the default of .get('why', ...) is never used",
+    "tinystory.settings.x_explain__mutmut_12": "as _10",
+    "tinystory.settings.x_explain__mutmut_16": "as _10",
+    "tinystory.settings.x_read_profile__mutmut_7": "encoding=None is the locale's, UTF-8 here (as runs.read_json)",
+    "tinystory.settings.x_read_profile__mutmut_10": "'UTF-8' and 'utf-8' name the same codec",
+    "tinystory.settings.x_read_profile__mutmut_19": "get_close_matches puts the best match first whatever n, and "
+                                                    "only close[0] is shown",
+    "tinystory.settings.x_read_profile__mutmut_20": "as _19",
+    "tinystory.settings.x_read_profile__mutmut_32": "as _7, for a shipped profile",
+    "tinystory.settings.x_read_profile__mutmut_38": "as _10, for a shipped profile",
+    "tinystory.settings.x_print_settings__mutmut_36": "rich reads style names case-blind: 'BOLD' is 'bold'",
     # runs
     "tinystory.runs.x_read_json__mutmut_3": "encoding=None is the locale's, UTF-8 on every machine we test on (a "
                                             "Latin-1 locale would misread non-ASCII JSON; not settable in-process)",
