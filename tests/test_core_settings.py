@@ -311,3 +311,18 @@ def test_no_nvidia_driver_on_a_mac_whatever_is_on_path(monkeypatch):
     assert S.nvidia_driver_present() is False
     monkeypatch.setattr("sys.platform", "linux")
     assert S.nvidia_driver_present() is True
+
+
+def test_close_keys_bare_names_and_keys_in_a_far_off_section():
+    # a bare name close to one key (difflib cutoff 0.5: "port" is 0.57 like "serve.port")
+    assert refusal("port", 1) == ("unknown setting 'port' (from --set)", "did you mean serve.port?")
+    # nothing close as a whole, but the key exists in another section
+    assert refusal("zzzzzzzzzzzzzzzzzzzzzz.lr", 1) == ("unknown setting 'zzzzzzzzzzzzzzzzzzzzzz.lr' (from --set)",
+                                                       "did you mean train.lr?")
+
+
+def test_integers_take_underscores_and_the_environment_is_read_by_default(monkeypatch):
+    assert set_one("train.max_steps", "1_000").train.max_steps == 1000
+    monkeypatch.setenv("TINYSTORY_TRAIN__LR", "0.5")
+    s = load_settings(profile="tiny")  # env=None: the process environment
+    assert s.train.lr == 0.5 and s.source("train.lr") == "env:TINYSTORY_TRAIN__LR"

@@ -9,7 +9,7 @@ tests of that module against each change, and counts the changes no test noticed
 
 Each module runs in a fresh temporary copy of src/, tests/ and pyproject.toml (with a
 [tool.mutmut] table added), so mutmut's `mutants/` folder never lands in the repo, and
-with one worker (`--max-children 1`) at nice 10 (the machine is shared). mutmut runs, for
+with one worker (`--max-children 1`) at nice 10, so it yields to other work. mutmut runs, for
 each mutant, only the tests of the module's list that call the mutated function, with
 `-x -q -p no:cacheprovider`. The summary (per module: mutants, killed, survived, timeouts,
 score, and every survivor with its diff) goes to benchmarks/results/mutation-<cpu>.json.
@@ -85,7 +85,6 @@ EQUIVALENT: dict[str, str] = {
     "tinystory.evaluation.x_continue_prompts__mutmut_71": "as _62, for the attention mask",
     "tinystory.evaluation.x_evaluate__mutmut_114": "loss_metrics(device=None): score_stream's tensors stay on the "
                                                    "CPU, the same on a CPU",
-    "tinystory.evaluation.x_evaluate__mutmut_155": "continue_prompts' device left out: its default is 'cpu'",
     "tinystory.evaluation.x_evaluate__mutmut_207": "judge_metric(device=None): continue_prompts' tensors stay on "
                                                    "the CPU, the same on a CPU",
     "tinystory.evaluation.x_judge_metric__mutmut_11": "continue_prompts(device=None): the same on a CPU",
@@ -140,6 +139,36 @@ EQUIVALENT: dict[str, str] = {
     "tinystory.settings.x_read_profile__mutmut_32": "as _7, for a shipped profile",
     "tinystory.settings.x_read_profile__mutmut_38": "as _10, for a shipped profile",
     "tinystory.settings.x_print_settings__mutmut_36": "rich reads style names case-blind: 'BOLD' is 'bold'",
+    "tinystory.evaluation.x_table__mutmut_33": "rich renders a justify of None or an unknown name as its default, left",
+    "tinystory.evaluation.x_table__mutmut_35": "as _33, for the caption",
+    "tinystory.evaluation.x_table__mutmut_42": "as _33",
+    "tinystory.evaluation.x_table__mutmut_43": "as _33",
+    "tinystory.evaluation.x_table__mutmut_44": "as _35",
+    "tinystory.evaluation.x_table__mutmut_45": "as _35",
+    "tinystory.evaluation.x_table__mutmut_51": "a column's overflow None is rich's default, fold",
+    "tinystory.settings.x_print_settings__mutmut_3": "as evaluation.table _33: rich renders it left",
+    "tinystory.settings.x_print_settings__mutmut_6": "as _3",
+    "tinystory.settings.x_print_settings__mutmut_7": "as _3",
+    "tinystory.settings.x_print_settings__mutmut_17": "a column's overflow None (or an unknown name) is rich's "
+                                                      "default, fold",
+    "tinystory.settings.x_print_settings__mutmut_20": "as _17",
+    "tinystory.settings.x_print_settings__mutmut_21": "as _17",
+    "tinystory.settings.x__coerce__mutmut_78": "int() itself reads '1_000' (PEP 515), so the replace is only "
+                                               "belt and braces",
+    "tinystory.settings.x__check_key__mutmut_16": "get_close_matches puts the best match first whatever n, and "
+                                                  "only close[0] is shown",
+    "tinystory.settings.x__check_key__mutmut_18": "as _16",
+    "tinystory.settings.x__check_key__mutmut_26": "only close[0] is shown",
+    "tinystory.settings.x__apply__mutmut_33": "as _check_key _16",
+    "tinystory.settings.x__apply__mutmut_35": "as _check_key _16",
+    "tinystory.settings.x__flatten__mutmut_9": "unreachable (pragma: no cover): _check_key raises first for any "
+                                               "bare key, a section name included (it has no key)",
+    "tinystory.settings.x__read_config__mutmut_9": "encoding=None is the locale's, UTF-8 here (as runs.read_json)",
+    "tinystory.settings.x__read_config__mutmut_11": "'UTF-8' and 'utf-8' name the same codec",
+    "tinystory.settings.x_load_settings__mutmut_43": "a shipped profile's name has no dot or slash, so its stem is "
+                                                     "itself",
+    "tinystory.settings.x_load_settings__mutmut_82": "no section or key name holds '__', so the first and the last "
+                                                     "'__' of TINYSTORY_SECTION__KEY are the same",
     # runs
     "tinystory.runs.x_read_json__mutmut_3": "encoding=None is the locale's, UTF-8 on every machine we test on (a "
                                             "Latin-1 locale would misread non-ASCII JSON; not settable in-process)",
@@ -257,7 +286,7 @@ def main() -> None:
     unknown = [m for m in args.modules if m not in MODULES]
     if unknown:
         ap.error(f"unknown module {unknown[0]!r}: use some of {', '.join(MODULES)}")
-    os.nice(10)  # a shared machine: the benchmarks come first
+    os.nice(10)  # other work on the machine (a benchmark) comes first
     modules = args.modules or list(MODULES)
     out = args.out or RESULTS / f"mutation-{cpu_slug()}.json"
     summary = json.loads(out.read_text(encoding="utf-8")) if out.is_file() else {}
