@@ -553,6 +553,8 @@ if sys.orig_argv[1:4] == ["-m", "tinystory", "prepare"]:  # the parent, not a wo
     def _write(self, split, data, stories, nbytes):
         write(self, split, data, stories, nbytes)
         self.outs[split].flush()  # the first tokens are on the disk: now the signal
+        # as in a terminal: a process started in the background inherits SIGINT ignored
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         os.kill(os.getpid(), signal.SIG{hook})
         time.sleep(5)  # it arrives here
 
