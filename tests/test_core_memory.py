@@ -449,3 +449,45 @@ def test_to_dict():
     assert d["suggestion"] == {"batch_size": 30, "grad_accum": 2, "block_size": 32, "activation_checkpointing": True,
                                "total_bytes": p.suggestion.total_bytes, "tokens_per_step": 1920,
                                "reason": p.suggestion.reason, "flags": p.suggestion.flags}
+
+
+def test_every_row_of_two_plans_exactly():
+    # every part's label, both sizes and its note: what `train --dry-run` shows, row by row
+    # (checked by hand: the parts at the peak add up to the peak allocated)
+    cuda = memory.plan(train(batch_size=60, block_size=32, precision="fp16", activation_checkpointing=False,
+                             torch_compile=True), CFG, "cuda", budget_bytes=BUDGET)
+    assert render(cuda)[2:16] == [
+        "weights (fp32 master) 0.9 MiB 0.9 MiB 226,624 params x 4 B",
+        "fp16 weight copies (autocast) 0.3 MiB 0.3 MiB matmul weights cast per step",
+        "gradients (fp32) - 0.9 MiB freed after each optimizer step",
+        "optimizer state: AdamW 1.7 MiB 1.7 MiB",
+        "optimizer step temporaries - 0.9 MiB",
+        "activations, checkpointing on - 8.6 MiB",
+        "activations, checkpointing off 14.2 MiB 14.2 MiB used",
+        "logits + loss 22.0 MiB 22.0 MiB 60x32x1,000 logits x 12 B",
+        "batch tensors 0.1 MiB 0.1 MiB ids, labels, mask",
+        "peak allocated 39.1 MiB at backward start",
+        "allocator slack (10%) 3.9 MiB stated constant",
+        "CUDA context 512.0 MiB stated constant",
+        "total 555.0 MiB",
+        "budget 531.1 MiB does not fit: given",
+    ]
+    cpu = memory.plan(train(batch_size=2, block_size=32, precision="bf16", activation_checkpointing=True), CFG,
+                      "cpu", budget_bytes=2 * GIB)
+    assert render(cpu) == [
+        "memory plan (cpu, bf16): batch 2 x accumulation 1 x block 32 = 64 tokens per step",
+        "part at peak full size note",
+        "weights (fp32 master) 0.9 MiB 0.9 MiB 226,624 params x 4 B",
+        "bf16 weight copies (autocast) - 0.3 MiB matmul weights cast per step",
+        "gradients (fp32) 0.9 MiB 0.9 MiB freed after each optimizer step",
+        "optimizer state: AdamW 1.7 MiB 1.7 MiB",
+        "optimizer step temporaries 0.5 MiB 0.5 MiB",
+        "activations, checkpointing on - 0.3 MiB used",
+        "activations, checkpointing off - 0.5 MiB",
+        "logits + loss - 0.7 MiB 2x32x1,000 logits x 12 B",
+        "batch tensors 0.0 MiB 0.0 MiB ids, labels, mask",
+        "peak allocated 4.0 MiB at optimizer step",
+        "process (python, torch) 1.00 GiB stated constant",
+        "total 1.00 GiB",
+        "budget 2.00 GiB fits: given",
+    ]
