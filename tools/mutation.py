@@ -17,8 +17,9 @@ score, and every survivor with its diff) goes to benchmarks/results/mutation-<cp
 Not mutated by mutmut 3 (its rules, not ours): module-level constants, class bodies, and
 functions under a decorator other than @classmethod/@staticmethod (properties).
 
-Not part of CI and not collected by pytest (it lives in tools/). The full run took
-TODO on an AMD EPYC (2 cores shared with benchmarks).
+Not part of CI and not collected by pytest (it lives in tools/). On a 2-core AMD EPYC a
+module takes 1 to 25 minutes (metrics 1, scoring 2, sampling 2, runs 4, settings 10 to 17,
+evaluation 24); memory, with 1,256 mutants, about 20 (estimated from a partial run).
 """
 
 from __future__ import annotations
@@ -153,8 +154,10 @@ EQUIVALENT: dict[str, str] = {
                                                       "default, fold",
     "tinystory.settings.x_print_settings__mutmut_20": "as _17",
     "tinystory.settings.x_print_settings__mutmut_21": "as _17",
-    "tinystory.settings.x__coerce__mutmut_78": "int() itself reads '1_000' (PEP 515), so the replace is only "
-                                               "belt and braces",
+    "tinystory.settings.x__coerce__mutmut_78": "int() itself reads '1_000' (PEP 515), so the replace changes "
+                                               "nothing",
+    "tinystory.settings.x__coerce__mutmut_79": "'1XXXX000' fails int(), then float('1_000') (PEP 515 too) gives "
+                                               "1000.0, an integer: the same value",
     "tinystory.settings.x__check_key__mutmut_16": "get_close_matches puts the best match first whatever n, and "
                                                   "only close[0] is shown",
     "tinystory.settings.x__check_key__mutmut_18": "as _16",
