@@ -208,6 +208,33 @@ def test_target_bpb_checks_the_whole_split_and_a_cap_can_miss_it(prepared: Path,
     assert err.strip().splitlines()[-1].endswith("; target 0.5 not reached")
 
 
+def test_eval_every_minutes_evaluates_by_the_clock(prepared: Path, tmp_path: Path) -> None:
+    """train.eval_every_minutes: with no step cadence at all (eval_every 0), an evaluation
+    follows the first step that ends at least the interval after the last evaluation (or
+    the start), and none comes sooner. Replayed from metrics.jsonl, one row a step."""
+    from tinystory.training import train
+
+    interval = 0.01 * 60
+    run = train(tiny(prepared, tmp_path / "run", max_steps=40, eval_every=0, log_every=1, save_every=40,
+                     eval_every_minutes=0.01))
+    got = [r["step"] for r in rows(run) if "eval_bpb" in r]
+    assert got[-1] == 40  # the final model always gets one
+    got = got[:-1]
+    assert len(got) >= 2  # 40 tiny steps take several intervals
+    last, slack = 0.0, 0.05  # wall time of the last evaluation; the rows are written a moment after the check
+    for r in rows(run):
+        if "eval_bpb" in r:
+            last = r["wall_time_s"]
+        elif "loss" in r and r["step"] < 40:
+            since = r["wall_time_s"] - last
+            if since >= interval + slack:
+                assert r["step"] in got, f"no evaluation after step {r['step']}, {since:.2f} s after the last"
+            elif since < interval - slack:
+                assert r["step"] not in got, f"evaluation after step {r['step']}, only {since:.2f} s after the last"
+    off = train(tiny(prepared, tmp_path / "off", max_steps=40, eval_every=0, save_every=40))
+    assert [r["step"] for r in rows(off) if "eval_bpb" in r] == [40]  # off by default: only the final one
+
+
 def test_early_stopping_triggers(prepared: Path, tmp_path: Path) -> None:
     """With lr 0 the eval loss never improves: stop after the best eval + 2 more."""
     from tinystory.training import train

@@ -83,6 +83,8 @@ class RunStatus:
     best: dict[str, float] = field(default_factory=dict)
     eval_slice_tokens: int = 0  # tokens of the slice scored while training; 0: the whole split
     target_bpb: float = 0.0  # --target-bpb, 0 = none
+    eval_every_s: float = 0.0  # train.eval_every_minutes as seconds, 0 = by steps only
+    last_eval_wall: float = 0.0  # wall() at the last evaluation (or at the start of this session)
     target: dict[str, float] = field(default_factory=dict)  # where the target was reached (step, bpb, ...)
     final_eval: dict[str, float] = field(default_factory=dict)  # the saved model on the whole split
     command_started: float = field(default_factory=time.time)  # time.time() when the command started
@@ -154,7 +156,8 @@ def mfu(status: RunStatus, tok_s: float) -> float:
 
 
 class StopControl(TrainerCallback):
-    """Ctrl-C, NaN/inf losses and the wall-time budget: stop at a step boundary.
+    """Ctrl-C, NaN/inf losses and the wall-time budget: stop at a step boundary; and
+    evaluations by the clock (train.eval_every_minutes).
 
     The first Ctrl-C asks for a checkpoint and a clean stop; a second one quits at once.
     A loss that stays non-finite stops the run; no checkpoint is written while it is bad.
@@ -191,6 +194,7 @@ class StopControl(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kw):
         self.status.started = time.monotonic()  # the budget counts training, not start-up
+        self.status.last_eval_wall = self.status.wall()
 
     # -- per step
     def on_step_end(self, args, state, control, **kw):
@@ -200,11 +204,14 @@ class StopControl(TrainerCallback):
             self._fit(state.global_step)
         end = status.is_main and state.global_step >= status.schedule.total  # rank 0 owns the schedule's length
         over = bool(status.budget_s) and (end or status.wall() >= status.budget_s)
+        due = bool(status.eval_every_s) and status.wall() - status.last_eval_wall >= status.eval_every_s
         # every rank must take the same decisions: any rank's flag counts, rank 0's schedule length wins
-        bad, diverged, done, sigint, total = _max_over_ranks(
-            [status.nonfinite_steps > 0, status.nonfinite_steps >= NONFINITE_PATIENCE, over, self._sigint,
+        bad, diverged, done, sigint, evaluate, total = _max_over_ranks(
+            [status.nonfinite_steps > 0, status.nonfinite_steps >= NONFINITE_PATIENCE, over, self._sigint, due,
              status.schedule.total if status.is_main else 0], status.world_size)
         status.schedule.total = total
+        if evaluate:  # train.eval_every_minutes: by the clock, besides train.eval_every's steps
+            control.should_evaluate = True
         if bad:
             control.should_save = False  # never checkpoint weights that may be poisoned
         if diverged:

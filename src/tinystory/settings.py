@@ -94,6 +94,8 @@ class TrainSettings:
         "sdpa", "attention kernel: sdpa (PyTorch's fused kernels) or eager (plain matmuls: compiled on a CPU, "
         "1.2x faster at block 256)", ("sdpa", "eager"))
     eval_every: int = setting(200, "optimizer steps between evaluations (0 = only at the end)")
+    eval_every_minutes: float = setting(0.0, "also evaluate when this many minutes of training passed since the "
+                                        "last evaluation (0 = off): a steady clock for --target-bpb")
     eval_tokens: int = setting(65536, "validation tokens scored at each evaluation while training: whole blocks "
                                "spread evenly over the split (0 = all); the final figure scores all of it")
     early_stopping_patience: int = setting(2, "evaluations without improvement before stopping (0 = off)")

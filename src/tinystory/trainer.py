@@ -144,6 +144,7 @@ class StoryTrainer(Trainer):
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, out)
         if self._target_reached(out, se):
             self.control.should_training_stop = True
+        self.status.last_eval_wall = self.status.wall()  # train.eval_every_minutes counts training time
         return out
 
     def _target_reached(self, out: dict[str, float], se: float) -> bool:

@@ -213,6 +213,7 @@ def _plan_steps(settings: Settings, n_blocks: int, world: int, step_s: float, ev
         return n, n
     if t.minutes:
         per = step_s + (eval_s / t.eval_every if t.eval_every else 0.0)
+        per += eval_s * step_s / (t.eval_every_minutes * 60) if t.eval_every_minutes else 0.0
         total = max(t.warmup_steps + 10, int(t.minutes * 60 / max(per, 1e-6)))
         return total, total * 20 + 1000
     steps_per_epoch = max(1, n_blocks // per_step)
@@ -359,6 +360,7 @@ def _train(job: TrainingRun) -> Path:
                        block_size=t.block_size, schedule=Schedule(t.warmup_steps, total, t.min_lr_ratio),
                        is_main=job.is_main, world_size=job.world_size, budget_s=t.minutes * 60,
                        target_bpb=t.target_bpb, eval_slice_tokens=0 if val is whole_val else len(val),
+                       eval_every_s=t.eval_every_minutes * 60,
                        command_started=job.started)
     if job.checkpoint is not None:
         _restore_status(status, job.checkpoint)
