@@ -25,7 +25,9 @@
     timed from the command's start (run.json time_to_target_s: start-up, prepare of the
     cached data, compile and the precision probe included), and one plain
     `tinystory train --profile cpu` run of the same 15 minutes for the bpb at equal time,
-    with its greedy and sampled stories.
+    with its greedy and sampled stories. `--set KEY=VALUE` (repeatable) is passed to the
+    `--target-bpb` runs, e.g. `--set train.eval_every_minutes=1` to check the target every
+    minute; `--no-equal-time` leaves out the 15-minute run.
 
 Each part prints a table; results go to benchmarks/results/train-<part>-<cpu>.json.
 Run it on a quiet machine: other processes on a 2-core CPU change every number.
@@ -344,13 +346,14 @@ def race_data() -> Path:
     return prepare(load_settings(profile="cpu", overrides={"data.dataset": (str(SHARED / "*.txt"), "bench")}))
 
 
-def ours(data: Path, out: Path, minutes: float, target: float | None) -> dict:
+def ours(data: Path, out: Path, minutes: float, target: float | None, sets: tuple[str, ...] = ()) -> dict:
     """`tinystory train --profile cpu` on the race data in its own process; run.json + stories."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cmd = [sys.executable, "-m", "tinystory", "train", "--profile", "cpu", "--data", str(data), "--out", str(out),
-           "--minutes", f"{minutes:g}", "--no-wandb", *(["--target-bpb", f"{target:.6f}"] if target else [])]
+           "--minutes", f"{minutes:g}", "--no-wandb", *(["--target-bpb", f"{target:.6f}"] if target else []),
+           *[a for kv in sets for a in ("--set", kv)]]
     print("$", " ".join(cmd[1:]), file=sys.stderr)
     t0 = time.monotonic()
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
@@ -374,7 +377,7 @@ def ours(data: Path, out: Path, minutes: float, target: float | None) -> dict:
     return row
 
 
-def part_d(runs: int, minutes: float) -> dict:
+def part_d(runs: int, minutes: float, sets: tuple[str, ...] = (), equal_time: bool = True) -> dict:
     import statistics
 
     data = race_data()
@@ -384,14 +387,15 @@ def part_d(runs: int, minutes: float) -> dict:
                         "--minutes", "15"], check=True, cwd=ROOT)
         base = json.loads(base_json.read_text())
         target = base["valid_bpb"]
-        timed = [ours(data, Path(tmp) / f"target-{i}", minutes, target) for i in range(runs)]
-        equal = ours(data, Path(tmp) / "15min", 15.0, None)
+        timed = [ours(data, Path(tmp) / f"target-{i}", minutes, target, sets) for i in range(runs)]
+        equal = ours(data, Path(tmp) / "15min", 15.0, None) if equal_time else None
     reached = [r["time_to_target_s"] for r in timed if r["time_to_target_s"] is not None]
     median = statistics.median(reached) if len(reached) == len(timed) else None
     result = {"cpu": cpu_name(), "llama2c": base, "target_bpb": target, "runs": timed,
               "median_time_to_target_s": median, "llama2c_time_s": base["train_s"],
               "ratio_to_llama2c_time": median / (base["minutes"] * 60) if median else None,
-              "equal_time": equal, "bpb_below_llama2c": 1 - equal["valid_bpb"] / target}
+              "target_run_settings": list(sets), "equal_time": equal,
+              "bpb_below_llama2c": 1 - equal["valid_bpb"] / target if equal else None}
     print(f"\n(d) time to llama2.c's 15-minute result, side by side ({cpu_name()})")
     print(f"  llama2.c recipe, 15 min: {base['steps']} steps, {base['tok_per_s']:,.0f} tok/s ({base['precision']}); "
           f"valid.txt bpb {target:.4f} = the target")
@@ -400,9 +404,10 @@ def part_d(runs: int, minutes: float) -> dict:
         print(f"  tinystory --target-bpb, run {i + 1}: {when} ({r['tokens_to_target'] or r['tokens_seen']:,} tokens)")
     if median:
         print(f"  median {median:.0f} s = {result['ratio_to_llama2c_time']:.2f}x llama2.c's 15 minutes")
-    print(f"  tinystory 15 min: valid.txt bpb {equal['valid_bpb']:.4f}, "
-          f"{100 * result['bpb_below_llama2c']:.1f}% below llama2.c's")
-    print(f"  greedy:  {equal['greedy']}\n  sampled: {equal['sampled']}")
+    if equal:
+        print(f"  tinystory 15 min: valid.txt bpb {equal['valid_bpb']:.4f}, "
+              f"{100 * result['bpb_below_llama2c']:.1f}% below llama2.c's")
+        print(f"  greedy:  {equal['greedy']}\n  sampled: {equal['sampled']}")
     return result
 
 
@@ -414,10 +419,13 @@ def main() -> None:
     ap.add_argument("--parts", default="a,b", help="which of a,b to run")
     ap.add_argument("--time-to-target", action="store_true", help="(d) time to llama2.c's 15-minute bpb")
     ap.add_argument("--runs", type=int, default=3, help="(d) runs of `train --target-bpb` (the median is reported)")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="(d) a setting for the --target-bpb runs, e.g. train.eval_every_minutes=1")
+    ap.add_argument("--no-equal-time", action="store_true", help="(d) leave out the 15-minute run")
     args = ap.parse_args()
     os.environ.setdefault("TINYSTORY_PLAIN", "1")
     if args.time_to_target:
-        save("time-to-target", part_d(args.runs, args.minutes))
+        save("time-to-target", part_d(args.runs, args.minutes, tuple(args.sets), not args.no_equal_time))
         return
     if args.quality:
         save("quality" if args.minutes == 15 else f"quality-{args.minutes:g}min", part_c(args.minutes))
