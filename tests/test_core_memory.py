@@ -7,6 +7,7 @@ against torch."""
 from __future__ import annotations
 
 import math
+import re
 from types import SimpleNamespace
 
 from rich.console import Console
@@ -43,6 +44,7 @@ def test_shape_of_the_config():
     assert PARAMS == 226_624 == memory.count_parameters(CFG)
     no_head_dim = shape(head_dim=None, tie_word_embeddings=1, sliding_window=32, _attn_implementation="eager")
     assert (no_head_dim.qd, no_head_dim.kvd, no_head_dim.tied, no_head_dim.eager) == (64, 32, True, True)
+    assert type(no_head_dim.qd) is int and type(no_head_dim.kvd) is int  # 64.0 would reach --dry-run --json
     assert no_head_dim.mask is False  # window = block: sdpa's causal path, no mask
     assert shape(sliding_window=None).mask is False and shape(sliding_window=31).mask is True
     bare = SimpleNamespace(**{k: v for k, v in vars(CFG).items() if k not in ("head_dim", "sliding_window",
@@ -70,19 +72,19 @@ def test_one_layer_saves_by_hand():
 def test_optimizer_state_and_step_temporaries():
     s = shape()
     norms, embed, head = 5 * 64, 1000 * 64, 1000 * 64
-    assert memory._optimizer_state(s, "adamw_torch", 4) == 8 * (norms + embed + 2 * sum(MATS) + head) == 8 * PARAMS
-    assert memory._optimizer_state(s, "adamw_torch_fused", 4) == 8 * PARAMS
+    assert memory._optimizer_state(s, "adamw_torch") == 8 * (norms + embed + 2 * sum(MATS) + head) == 8 * PARAMS
+    assert memory._optimizer_state(s, "adamw_torch_fused") == 8 * PARAMS
     # 8-bit: every matrix here has >= 4096 values (k and v exactly 4096): a byte per state and an
     # fp32 absmax per 256; the embedding and the norms stay fp32; plus the two quantization maps
     eight = 2 * (5 * (2 * 8192 + 8 * 32) + 2 * (2 * 4096 + 8 * 16)) + 2 * 64000 + 8 * math.ceil(64000 / 256)
-    assert memory._optimizer_state(s, "adamw_bnb_8bit", 4) == eight + 8 * (norms + embed) + 2048 == 846_288
+    assert memory._optimizer_state(s, "adamw_bnb_8bit") == eight + 8 * (norms + embed) + 2048 == 846_288
     # tied, and an MLP of 65 (64 x 65 = 4160 values: 16.25 blocks of 256 -> 17); k, v of 64 x 32 = 2048 < 4096
     t = shape(tie_word_embeddings=True, num_key_value_heads=1, intermediate_size=65)
     mats = [8192, 2048, 2048, 8192, 4160, 4160, 4160]
     big = 2 * (2 * 8192 + 8 * 32) + 3 * (2 * 4160 + 8 * 17)
     assert t.layer_matrices() == mats
-    assert memory._optimizer_state(t, "adamw_bnb_8bit", 4) == 2 * big + 8 * (norms + embed + 2 * 2 * 2048) + 2048
-    assert memory._optimizer_state(t, "adamw_torch", 4) == 8 * (norms + embed + 2 * sum(mats))
+    assert memory._optimizer_state(t, "adamw_bnb_8bit") == 2 * big + 8 * (norms + embed + 2 * 2 * 2048) + 2048
+    assert memory._optimizer_state(t, "adamw_torch") == 8 * (norms + embed + 2 * sum(mats))
     assert memory._optimizer_transient(s, "adamw_torch", "cuda", PARAMS) == 4 * PARAMS
     assert memory._optimizer_transient(s, "adamw_torch", "cpu", PARAMS) == 8 * 64000  # the embedding is largest
     assert memory._optimizer_transient(shape(vocab_size=10), "adamw_torch", "mps", 999) == 8 * 8192
@@ -146,6 +148,15 @@ def test_phases_of_an_fp32_step_with_accumulation():
     assert phases["backward start"]["activations"] == full
 
 
+def test_phases_of_an_fp32_step_with_checkpointing():
+    # no autocast: no half-precision copies at any moment, the lm_head's included
+    p = memory.plan(train(batch_size=60, block_size=32, precision="fp32", activation_checkpointing=True), CFG, "cuda",
+                    budget_bytes=BUDGET)
+    assert p.peak_phase == "backward start" and p.components["half_weights"] == 0
+    assert all(phase.get("half_weights", 0) == 0 for phase in p.phases.values())
+    assert p.peak_allocated_bytes == sum(p.phases["backward start"].values())
+
+
 # ---------------------------------------------------------------------------- plan
 
 
@@ -201,6 +212,9 @@ def test_notes_for_compile_and_an_unknown_activation():
     for act in ("gelu_pytorch_tanh", "silu", "gelu", "relu"):
         assert memory.plan(train(precision="fp32"), SimpleNamespace(**{**vars(CFG), "hidden_act": act}), "cpu",
                            budget_bytes=GIB).notes == ()
+    # a config that names no activation has transformers' default, silu: no note, no error
+    no_act = SimpleNamespace(**{k: v for k, v in vars(CFG).items() if k != "hidden_act"})
+    assert memory.plan(train(precision="fp32"), no_act, "cpu", budget_bytes=GIB).notes == ()
 
 
 def test_the_attention_setting_is_what_is_planned():
@@ -213,6 +227,14 @@ def test_the_attention_setting_is_what_is_planned():
     again = memory.plan(train(batch_size=2, block_size=32, precision="fp32", attention="eager"), as_eager, "cpu",
                         budget_bytes=GIB)
     assert again.components == eager.components
+    # the setting wins over what the config says, and a config that says nothing counts as sdpa
+    sdpa_again = memory.plan(train(batch_size=2, block_size=32, precision="fp32"), as_eager, "cpu", budget_bytes=GIB)
+    assert sdpa_again.components == sdpa.components and as_eager._attn_implementation == "eager"
+    silent = SimpleNamespace(**{k: v for k, v in vars(CFG).items() if k != "_attn_implementation"})
+    for attention, expected in (("sdpa", sdpa), ("eager", eager)):
+        got = memory.plan(train(batch_size=2, block_size=32, precision="fp32", attention=attention), silent, "cpu",
+                          budget_bytes=GIB)
+        assert got.components == expected.components
 
 
 def test_8bit_adamw_only_where_cuda_is():
@@ -242,6 +264,9 @@ def test_budget_sources(monkeypatch):
     monkeypatch.setattr(memory, "mps_recommended_bytes", lambda: 11 * GIB)
     assert memory._budget(s, "mps", None) == (
         11 * GIB, "the Apple GPU's recommended working set, 69% of this Mac's 16 GiB unified memory")
+    monkeypatch.setattr(memory, "mps_recommended_bytes", lambda: 12 * GIB)
+    assert memory._budget(s, "mps", None)[1] == ("the Apple GPU's recommended working set, 75% of this Mac's 16 GiB "
+                                                 "unified memory")
     monkeypatch.setattr(memory, "mps_recommended_bytes", lambda: 0)
     assert memory._budget(s, "mps", None) == (
         12 * GIB, "75% of this Mac's 16 GiB unified memory (what Metal recommends on most Apple Silicon)")
@@ -327,6 +352,25 @@ def test_options_at_a_block():
     assert [o.batch_size for o in memory._options_at(96, 32, False, 3, args)] == [3]
 
 
+def test_options_at_a_block_keep_the_asked_batch_when_checkpointing_is_enough():
+    # batch 60 x 32 does not fit without checkpointing but does with it: no accumulation needed
+    args = dict(config=CFG, precision="fp16", optimizer="adamw_torch", device="cuda", budget_source="given", notes=())
+    need = memory.plan(train(batch_size=60, block_size=32, precision="fp16", activation_checkpointing=True), CFG,
+                       "cuda", budget_bytes=BUDGET).total_bytes
+    options = memory._options_at(1920, 32, True, 60, {**args, "budget": need})
+    assert [(o.batch_size, o.grad_accum, o.tokens_per_step) for o in options] == [(60, 1, 1920)]
+
+
+def test_options_at_a_block_find_the_largest_batch_at_every_budget():
+    # the bisection against a plain scan, over budgets from none to batch ~40
+    args = dict(config=CFG, precision="fp16", optimizer="adamw_torch", device="cuda", budget_source="given", notes=())
+    for extra in range(4_000_000, 20_000_001, 1_000_000):
+        budget = 512 * MIB + extra
+        scan = [b for b in range(1, 61) if fits_at(budget, b, math.ceil(1920 / (b * 32)), 32, False)]
+        options = memory._options_at(1920, 32, False, 60, {**args, "budget": budget})
+        assert [o.batch_size for o in options[:1]] == scan[-1:], extra
+
+
 def test_blocks_are_halved_down_to_64():
     # CUDA context + 5.5 MB: only batch 1 at block 64, with checkpointing, fits
     tight = 512 * MIB + 5_500_000
@@ -334,6 +378,8 @@ def test_blocks_are_halved_down_to_64():
     assert p.fits is False and p.suggestion is not None
     assert (p.suggestion.block_size, p.suggestion.batch_size, p.suggestion.grad_accum) == (64, 1, 16)
     assert p.suggestion.activation_checkpointing is True
+    assert p.suggestion.flags == ("--set train.batch_size=1 --set train.grad_accum=16 --set train.block_size=64 "
+                                  "--set train.activation_checkpointing=true")  # a whole number of tokens
     assert not fits_at(tight, 1, 8, 128, True) and fits_at(tight, 1, 16, 64, True)
     assert p.suggestion.reason.endswith(" with activation checkpointing needs "
                                         f"{memory.fmt_bytes(p.suggestion.total_bytes)} and keeps 1,024 tokens per step")
@@ -446,6 +492,9 @@ def test_to_dict():
                        "budget_bytes", "budget_source", "tokens_per_step", "peak_allocated_bytes", "total_bytes",
                        "fits", "notes", "suggestion"]
     assert d["tokens_per_step"] == 1920 and d["fits"] is False and d["notes"] == []
+    sizes = [*d["components"].values(), *d["overhead"].values(), d["peak_allocated_bytes"], d["total_bytes"],
+             *(n for phase in d["phases"].values() for n in phase.values())]
+    assert all(type(n) is int for n in sizes)  # bytes are whole: 20480.0 would be a wrong sum somewhere
     assert d["suggestion"] == {"batch_size": 30, "grad_accum": 2, "block_size": 32, "activation_checkpointing": True,
                                "total_bytes": p.suggestion.total_bytes, "tokens_per_step": 1920,
                                "reason": p.suggestion.reason, "flags": p.suggestion.flags}
@@ -491,3 +540,51 @@ def test_every_row_of_two_plans_exactly():
         "total 1.00 GiB",
         "budget 2.00 GiB fits: given",
     ]
+
+
+def test_the_table_as_a_terminal_shows_it():
+    # column by column, not only the words: a cell in the wrong column, a title or caption
+    # centred, or a number not right-aligned shows here. A plan whose peak is in backward
+    # through the layers (vocabulary 64), so the backward temporaries and the checkpointed
+    # activations are at the peak; the parts at the peak add up to the peak allocated
+    small = SimpleNamespace(**{**vars(CFG), "vocab_size": 64})
+    p = memory.plan(train(batch_size=8, block_size=32, precision="bf16", activation_checkpointing=True), small,
+                    "cuda", budget_bytes=BUDGET)
+    assert p.peak_phase == "backward layers" and p.peak_allocated_bytes == sum(p.phases["backward layers"].values())
+    console = Console(width=100, record=True, color_system=None)
+    console.print(p.render())
+    assert [line.rstrip() for line in console.export_text().splitlines()] == [
+        "memory plan (cuda, bf16): batch 8 x accumulation 1 x block 32 = 256 tokens per step",
+        "┏━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━┳━━━━━━━━━━━┳━━━━━━━━━━━┳━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━┓",
+        "┃ part                           ┃   at peak ┃ full size ┃ note                            ┃",
+        "┡━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━╇━━━━━━━━━━━╇━━━━━━━━━━━╇━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━┩",
+        "│ weights (fp32 master)          │   0.4 MiB │   0.4 MiB │ 106,816 params x 4 B            │",
+        "│ bf16 weight copies (autocast)  │   0.1 MiB │   0.2 MiB │ matmul weights cast per step    │",
+        "│ gradients (fp32)               │   0.4 MiB │   0.4 MiB │ freed after each optimizer step │",
+        "│ optimizer state: AdamW         │   0.8 MiB │   0.8 MiB │                                 │",
+        "│ optimizer step temporaries     │         - │   0.4 MiB │                                 │",
+        "│ activations, checkpointing on  │   0.9 MiB │   1.1 MiB │ used                            │",
+        "│ activations, checkpointing off │         - │   1.9 MiB │                                 │",
+        "│ backward temporaries           │   0.2 MiB │         - │                                 │",
+        "│ logits + loss                  │         - │   0.2 MiB │ 8x32x64 logits x 12 B           │",
+        "│ batch tensors                  │   0.0 MiB │   0.0 MiB │ ids, labels, mask               │",
+        "├────────────────────────────────┼───────────┼───────────┼─────────────────────────────────┤",
+        "│ peak allocated                 │   2.9 MiB │           │ at backward layers              │",
+        "│ allocator slack (10%)          │   0.3 MiB │           │ stated constant                 │",
+        "│ CUDA context                   │ 512.0 MiB │           │ stated constant                 │",
+        "│ total                          │ 515.1 MiB │           │                                 │",
+        "│ budget                         │ 531.1 MiB │           │ fits: given                     │",
+        "└────────────────────────────────┴───────────┴───────────┴─────────────────────────────────┘",
+    ]
+    # the suggestion under a plan that does not fit starts at the left edge, as the title does
+    tight = memory.plan(train(batch_size=60, block_size=32, precision="fp16"), CFG, "cuda", budget_bytes=BUDGET)
+    console = Console(width=100, record=True, color_system=None)
+    console.print(tight.render())
+    text = console.export_text().splitlines()
+    assert text[0].startswith("memory plan (cuda, fp16)") and text[-3].startswith("suggestion: batch 30 x")
+    # the peak and the total in bold on a terminal, and only they
+    console = Console(width=100, record=True, force_terminal=True, color_system="standard")
+    console.print(p.render())
+    bold = [re.sub(r"\x1b\[[0-9;]*m", "", line).split()[1] for line in console.export_text(styles=True).splitlines()
+            if "\x1b[1m" in line and "│" in line]
+    assert bold == ["peak", "total"]

@@ -210,7 +210,7 @@ def _batch_bytes(s: _Shape) -> int:
     return 2 * 8 * s.B * s.T + (s.B * s.T * s.T if s.mask else 0) + 2 * 4 * s.T * head_dim
 
 
-def _optimizer_state(s: _Shape, optimizer: str, p: int) -> int:
+def _optimizer_state(s: _Shape, optimizer: str) -> int:
     """Bytes of optimizer state once it exists (after the first step)."""
     norms = (2 * s.layers + 1) * s.h
     embed = s.V * s.h
@@ -273,7 +273,7 @@ def _phases(s: _Shape, *, amp: bool, ckpt: bool, accum: int, params: int, optimi
         "weights": p * params,
         "half_weights": half_all,
         "gradients": p * params,
-        "optimizer_state": _optimizer_state(s, optimizer, p),
+        "optimizer_state": _optimizer_state(s, optimizer),
         "optimizer_transient": _optimizer_transient(s, optimizer, device, params),
         "activations_full": s.layers * layer + head,
         "activations_checkpointed": s.layers * p * bth + head + layer,  # + one layer recomputed
@@ -342,8 +342,9 @@ def _notes(settings: Settings, config: Any, device: str, prec: str, asked: str |
         notes.append(f"precision auto counted as {prec} ({why})")
     if t.torch_compile:
         notes.append("eager estimate: torch.compile fuses kernels and usually saves less")
-    if getattr(config, "hidden_act", "") not in ("gelu_pytorch_tanh", "silu", "gelu", "relu"):
-        notes.append(f"activation {config.hidden_act} may save more than one tensor (counted as one)")
+    act = getattr(config, "hidden_act", "silu")  # transformers' default for a Mistral config
+    if act not in ("gelu_pytorch_tanh", "silu", "gelu", "relu"):
+        notes.append(f"activation {act} may save more than one tensor (counted as one)")
     return tuple(notes)
 
 
@@ -439,7 +440,10 @@ def _options_at(tokens: int, T: int, ckpt: bool, max_batch: int, args: dict[str,
 
     if not build(1).fits:
         return []
-    lo, hi = 1, max_batch  # memory grows with the micro-batch: bisect for the largest that fits
+    # memory grows with the micro-batch while it accumulates: bisect for the largest that fits.
+    # Only the asked batch itself may need no accumulation (and hold no gradients between
+    # micro-steps), so it can fit where a smaller one does not: try it first.
+    lo, hi = (max_batch, max_batch) if build(max_batch).fits else (1, max_batch)
     while lo < hi:
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if build(mid).fits else (lo, mid - 1)
