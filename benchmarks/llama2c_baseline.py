@@ -191,7 +191,7 @@ def main() -> None:
                         "lr 2e-3, 100 warmup steps, cosine over the budget, AdamW (0.9, 0.95), wd 0.1, clip 1.0",
               "parameters": params, "precision": precision, "minutes": args.minutes, "steps": step,
               "tokens_seen": step * BATCH * SEQ, "tok_per_s": step * BATCH * SEQ / train_s, "train_s": train_s,
-              "prepare_s": prep_s, "train_tokens": len(stream), "valid": str(args.valid),
+              "prepare_s": prep_s, "train_tokens": len(stream), "valid": args.valid.name,  # no paths of this machine
               "valid_bytes_tokens_decode_to": decoded, **{f"valid_{k}": v for k, v in scores.items()}}
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"llama2.c: {step} steps in {train_s:.0f} s ({result['tok_per_s']:,.0f} tok/s, {precision}); "
