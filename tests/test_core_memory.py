@@ -362,13 +362,21 @@ def test_options_at_a_block_keep_the_asked_batch_when_checkpointing_is_enough():
 
 
 def test_options_at_a_block_find_the_largest_batch_at_every_budget():
-    # the bisection against a plain scan, over budgets from none to batch ~40
+    # over budgets from none to batch ~40: the batch found fits and the next one does not
+    # (below the asked batch, memory grows with the batch; the asked one is tried first)
     args = dict(config=CFG, precision="fp16", optimizer="adamw_torch", device="cuda", budget_source="given", notes=())
-    for extra in range(4_000_000, 20_000_001, 1_000_000):
+    found = []
+    for extra in range(4_000_000, 20_000_001, 2_000_000):
         budget = 512 * MIB + extra
-        scan = [b for b in range(1, 61) if fits_at(budget, b, math.ceil(1920 / (b * 32)), 32, False)]
         options = memory._options_at(1920, 32, False, 60, {**args, "budget": budget})
-        assert [o.batch_size for o in options[:1]] == scan[-1:], extra
+        if not options:
+            assert not fits_at(budget, 1, 60, 32, False), extra
+            continue
+        b = options[0].batch_size
+        found.append(b)
+        assert fits_at(budget, b, math.ceil(60 / b), 32, False), extra
+        assert not fits_at(budget, b + 1, math.ceil(60 / (b + 1)), 32, False), extra
+    assert len(found) == 8 and found == sorted(set(found))  # eight budgets where some batch fits, all different
 
 
 def test_blocks_are_halved_down_to_64():
