@@ -19,7 +19,7 @@ functions under a decorator other than @classmethod/@staticmethod (properties).
 
 Not part of CI and not collected by pytest (it lives in tools/). On a 2-core AMD EPYC a
 module takes 1 to 25 minutes (metrics 1, scoring 2, sampling 2, runs 4, settings 10 to 17,
-evaluation 24); memory, with 1,256 mutants, about 20 (estimated from a partial run).
+evaluation 24, memory 25).
 """
 
 from __future__ import annotations
@@ -180,6 +180,51 @@ EQUIVALENT: dict[str, str] = {
     "tinystory.runs.xǁRunǁweights_sha256__mutmut_18": "read(None) reads the file at once: the same hash",
     "tinystory.runs.xǁRunǁweights_sha256__mutmut_20": "a 2 MiB read size: the same hash",
     "tinystory.runs.xǁRunǁweights_sha256__mutmut_21": "a 2 MiB read size: the same hash",
+    # memory
+    "tinystory.memory.x__optimizer_state__mutmut_18": "a tied head adds a matrix of 0 values: 0 bytes either way "
+                                                      "(0 is below bitsandbytes' 8-bit minimum, so it lands in the "
+                                                      "32-bit part, again as 0)",
+    "tinystory.memory.x__options_at__mutmut_31": "mid = (lo + hi + 2) // 2 still lies in (lo, hi] whenever lo < hi, so "
+                                                 "the bisection ends on the same largest batch (only the order of its "
+                                                 "probes changes)",
+    "tinystory.memory.x__options_at__mutmut_44": "tokens / T: tokens % T == 0 is checked first, so n is a whole number "
+                                                 "and n % d == 0 holds for the same divisors",
+    "tinystory.memory.x__options_at__mutmut_68": "the reason is a placeholder: _suggest, the only caller, replaces it "
+                                                 "with _reason() for the option it returns",
+    "tinystory.memory.x__options_at__mutmut_76": "as _68",
+    "tinystory.memory.x__suggest__mutmut_3": "for an integer x, x / 2 >= 64 and x // 2 >= 64 both mean x >= 128",
+    "tinystory.memory.x_plan__mutmut_7": "the default is read only for a config that names no attention: any default "
+                                         "other than the setting copies the config and sets the setting, which plans "
+                                         "what the config's own default (sdpa) plans",
+    "tinystory.memory.x_plan__mutmut_13": "as _7",
+    "tinystory.memory.x_plan__mutmut_14": "as _7",
+    "tinystory.memory.x_plan__mutmut_17": "a shallow copy: the attention is set on the copy, the caller's config keeps "
+                                          "its own (the test checks it), and the plan only reads the copy",
+    "tinystory.memory.x_render__mutmut_129": "a title justify of None or an unknown name prints the title at the "
+                                             "left edge too: only the trailing spaces that 'left' pads it with "
+                                             "differ, which a terminal never shows",
+    "tinystory.memory.x_render__mutmut_132": "as _129",
+    "tinystory.memory.x_render__mutmut_133": "as _129",
+    "tinystory.memory.x_render__mutmut_136": "a column's unknown justify renders exactly as left (same text)",
+    "tinystory.memory.x_render__mutmut_137": "as _136",
+    "tinystory.memory.x_render__mutmut_148": "as _136",
+    "tinystory.memory.x_render__mutmut_149": "as _136",
+    "tinystory.memory.x_render__mutmut_176": "rich renders a None cell as an empty one",
+    "tinystory.memory.x_render__mutmut_189": "rich reads style names case-blind: 'BOLD' is 'bold'",
+    "tinystory.memory.x_render__mutmut_204": "as _176",
+    "tinystory.memory.x_render__mutmut_225": "as _176",
+    "tinystory.memory.x_render__mutmut_226": "as _176",
+    "tinystory.memory.x_render__mutmut_230": "rich pads a row that has fewer cells than columns with empty cells (as "
+                                             "evaluation.table _135)",
+    "tinystory.memory.x_render__mutmut_231": "as _230",
+    "tinystory.memory.x_render__mutmut_239": "as _189",
+    "tinystory.memory.x_render__mutmut_242": "as _176",
+    "tinystory.memory.x_render__mutmut_263": "as _129, for the caption",
+    "tinystory.memory.x_render__mutmut_264": "as _129, for the caption",
+    "tinystory.memory.x_render__mutmut_265": "as _129, for the caption",
+    "tinystory.memory.xǁ_Shapeǁof__mutmut_47": "the default is only compared with 'eager': '', None and 'XXXX' all "
+                                               "differ from it",
+    "tinystory.memory.xǁ_Shapeǁof__mutmut_53": "as _47",
 }
 
 # mutmut's exit codes (mutmut/stats.py); "no tests": no selected test calls the function
