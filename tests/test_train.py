@@ -212,6 +212,7 @@ def test_eval_every_minutes_evaluates_by_the_clock(prepared: Path, tmp_path: Pat
     """train.eval_every_minutes: with no step cadence at all (eval_every 0), an evaluation
     follows the first step that ends at least the interval after the last evaluation (or
     the start), and none comes sooner. Replayed from metrics.jsonl, one row a step."""
+    from tinystory.errors import TrainingError
     from tinystory.training import train
 
     interval = 0.01 * 60
@@ -233,6 +234,11 @@ def test_eval_every_minutes_evaluates_by_the_clock(prepared: Path, tmp_path: Pat
                 assert r["step"] not in got, f"evaluation after step {r['step']}, only {since:.2f} s after the last"
     off = train(tiny(prepared, tmp_path / "off", max_steps=40, eval_every=0, save_every=40))
     assert [r["step"] for r in rows(off) if "eval_bpb" in r] == [40]  # off by default: only the final one
+    with pytest.raises(TrainingError) as e:  # a negative interval would evaluate after every step
+        train(tiny(prepared, tmp_path / "bad", max_steps=2, eval_every_minutes=-1.0))
+    assert str(e.value) == ("train.eval_every_minutes is -1, below 0 (set the minutes between evaluations, or 0 for "
+                            "evaluations by steps only)")
+    assert not (tmp_path / "bad").exists()  # refused before the run dir is made
 
 
 def test_early_stopping_triggers(prepared: Path, tmp_path: Path) -> None:

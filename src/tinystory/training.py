@@ -340,6 +340,9 @@ def _train(job: TrainingRun) -> Path:
     hf_logging.disable_progress_bar()  # "Writing model shards" bars at every save
     settings, model = job.settings, job.model
     t = settings.train
+    if t.eval_every_minutes < 0:
+        raise TrainingError(f"train.eval_every_minutes is {t.eval_every_minutes:g}, below 0",
+                            "set the minutes between evaluations, or 0 for evaluations by steps only")
     if t.block_size > model.config.max_position_embeddings:
         raise TrainingError(f"train.block_size {t.block_size} is longer than the model's "
                             f"{model.config.max_position_embeddings} positions", "lower train.block_size")
