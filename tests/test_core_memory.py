@@ -90,6 +90,14 @@ def test_optimizer_state_and_step_temporaries():
     assert memory._optimizer_transient(shape(vocab_size=10), "adamw_torch", "mps", 999) == 8 * 8192
     assert memory._optimizer_transient(s, "adamw_torch_fused", "cuda", PARAMS) == 0
     assert memory._optimizer_transient(s, "adamw_bnb_8bit", "cuda", PARAMS) == 0
+    # Muon: one momentum per block matrix; AdamW's two states on the embedding, head and norms
+    assert memory._optimizer_state(s, "muon") == 4 * 2 * sum(MATS) + 8 * (norms + embed + head) == 1_419_776
+    assert memory._optimizer_state(t, "muon") == 4 * 2 * sum(mats) + 8 * (norms + embed)
+    # its step: AdamW over the embedding + head (CPU: single-tensor; CUDA: foreach, norms too) ...
+    assert memory._optimizer_transient(s, "muon", "cpu", PARAMS) == 2 * 4 * (embed + head) == 1_024_000
+    assert memory._optimizer_transient(s, "muon", "cuda", PARAMS) == 4 * (embed + head + norms) == 513_280
+    # ... or Newton-Schulz over the largest matrix (128 x 64): update, x, new x and two 64 x 64 Grams
+    assert memory._optimizer_transient(shape(vocab_size=10), "muon", "cpu", 999) == 4 * (3 * 8192 + 2 * 64 * 64)
 
 
 def test_backward_through_the_layers():

@@ -10,7 +10,9 @@ keeps fp32 master weights under fp16/bf16 autocast) and c = bytes of the compute
   during forward only while accumulating); optimizer state (torch AdamW: two fp32 states;
   bitsandbytes 8-bit AdamW: one byte per state, an fp32 absmax per 256-value block, and
   fp32 states for tensors under 4096 values and for the embedding, which the Trainer pins
-  to 32 bits); the foreach AdamW step's one fp32 temporary per parameter (fused: none).
+  to 32 bits; Muon: one fp32 momentum per block matrix, AdamW's two on the rest); the
+  foreach AdamW step's one fp32 temporary per parameter (fused: none; Muon: its
+  Newton-Schulz iteration over the largest matrix, or AdamW's step on the embedding).
 - autocast's half copies of the matmul weights (the tied lm_head included): all of them
   are cached during forward; after it, those saved for backward stay.
 - activations saved for backward, per decoder layer (measured on CPU with
@@ -216,6 +218,8 @@ def _optimizer_state(s: _Shape, optimizer: str) -> int:
     embed = s.V * s.h
     head = 0 if s.tied else s.V * s.h
     mats = s.layer_matrices() * s.layers + ([head] if head else [])
+    if optimizer == "muon":  # Muon: one fp32 momentum buffer per block matrix; AdamW's two on the rest
+        return 4 * sum(s.layer_matrices()) * s.layers + 2 * 4 * (norms + embed + head)
     if optimizer != "adamw_bnb_8bit":
         return 2 * 4 * (norms + embed + sum(mats))  # exp_avg, exp_avg_sq in fp32
     eight = sum(2 * n + 2 * 4 * math.ceil(n / BNB_BLOCK) for n in mats if n >= BNB_MIN_8BIT)
@@ -225,6 +229,11 @@ def _optimizer_state(s: _Shape, optimizer: str) -> int:
 
 def _optimizer_transient(s: _Shape, optimizer: str, device: str, params: int) -> int:
     """Temporaries of one optimizer step."""
+    if optimizer == "muon":  # one matrix at a time: the nesterov update, x and the new x, two Gram matrices
+        rest = s.V * s.h + (0 if s.tied else s.V * s.h)
+        newton_schulz = max(4 * (3 * n + 2 * min(n // s.h, s.h) ** 2) for n in s.layer_matrices())
+        adamw = 4 * (rest + (2 * s.layers + 1) * s.h) if device == "cuda" else 2 * 4 * rest
+        return max(newton_schulz, adamw)
     if optimizer == "adamw_torch" and device == "cuda":
         return 4 * params  # foreach: sqrt(exp_avg_sq) for the whole group, fp32
     if optimizer == "adamw_torch":

@@ -83,7 +83,8 @@ class TrainSettings:
                           "the CPU, else the CPU", ("auto", "cpu", "cuda", "mps"))
     precision: str = setting("auto", "auto picks fp16/bf16/fp32 for the device (CPU: a measured probe)", PRECISIONS)
     optimizer: str = setting(
-        "adamw_torch", "optimizer name", ("adamw_torch", "adamw_torch_fused", "adamw_bnb_8bit")
+        "adamw_torch", "optimizer name (muon: torch's Muon on the block matrices, AdamW on the rest)",
+        ("adamw_torch", "adamw_torch_fused", "adamw_bnb_8bit", "muon")
     )
     activation_checkpointing: bool = setting(False, "recompute activations in backward to save memory")
     torch_compile: bool = setting(False, "compile the model with torch.compile (static shapes)")

@@ -238,7 +238,7 @@ def training_args(settings: Settings, run_dir: Path, prec: Precision, device: st
             adam_beta1=t.beta1,
             adam_beta2=t.beta2,
             max_grad_norm=t.grad_clip,
-            optim=optimizer_name(settings, device),
+            optim=optimizer_name(settings, device),  # muon: built by optimizer_factory instead
             bf16=prec.name == "bf16",
             fp16=prec.name == "fp16",
             use_cpu=device == "cpu",
@@ -294,7 +294,19 @@ def optimizer_name(settings: Settings, device: str) -> str:
     if name == "adamw_bnb_8bit" and importlib.util.find_spec("bitsandbytes") is None:
         raise TrainingError("train.optimizer = adamw_bnb_8bit needs bitsandbytes, which is not installed",
                             "pip install bitsandbytes, or --set train.optimizer=adamw_torch (more GPU memory)")
-    return name
+    return "adamw_torch" if name == "muon" else name
+
+
+def optimizer_factory(settings: Settings, prec: Precision) -> tuple[Any, dict[str, Any]] | None:
+    """The Trainer's `optimizer_cls_and_kwargs` for train.optimizer = muon (None otherwise):
+    Muon's Newton-Schulz iteration runs in bf16 only where training does."""
+    t = settings.train
+    if t.optimizer != "muon":
+        return None
+    from tinystory.muon import MuonAdamWFactory
+
+    return MuonAdamWFactory, {"lr": t.lr, "weight_decay": t.weight_decay, "betas": (t.beta1, t.beta2),
+                              "ns_fp32": prec.name != "bf16"}
 
 
 def compile_ok(asked: bool, device: str) -> bool:

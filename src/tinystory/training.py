@@ -52,7 +52,7 @@ from tinystory.progress import Display
 from tinystory.runs import RUN_JSON, Run, latest_checkpoint, read_json, rotate_checkpoints
 from tinystory.settings import Settings, to_toml
 from tinystory.tokenizer import fingerprint, load_tokenizer, parse_spec, token_byte_lengths
-from tinystory.trainer import StoryTrainer, compile_ok, eval_slice, training_args
+from tinystory.trainer import StoryTrainer, compile_ok, eval_slice, optimizer_factory, training_args
 
 
 @dataclass
@@ -378,6 +378,7 @@ def _train(job: TrainingRun) -> Path:
     trainer = StoryTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=BlockDataset(val, t.block_size),
         data_collator=default_data_collator, processing_class=job.tokenizer, compile_loss=compile_loss,
+        optimizer_cls_and_kwargs=optimizer_factory(settings, job.precision),
         status=status, val=val, whole_val=whole_val, byte_lengths=token_byte_lengths(job.tokenizer),
         check_every=1 if job.device == "cpu" else max(1, t.log_every * t.grad_accum))
     stop, early = _callbacks(trainer, status, settings, bool(report_to))
