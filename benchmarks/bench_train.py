@@ -29,6 +29,11 @@
     `--target-bpb` runs, e.g. `--set train.eval_every_minutes=1` to check the target every
     minute; `--no-equal-time` leaves out the 15-minute run.
 
+(e) `--ab "SETTINGS" --ab "SETTINGS" ...`: an A/B of cpu-profile variants on the race data at
+    equal wall time (`--minutes`, default 5), each arm a space-separated list of KEY=VALUE
+    (`""` = the profile as shipped), `--runs` rounds with the arms interleaved; the final
+    bits per byte on the whole of valid.txt, steps and tokens per run, the median per arm.
+
 Each part prints a table; results go to benchmarks/results/train-<part>-<cpu>.json.
 Run it on a quiet machine: other processes on a 2-core CPU change every number.
 """
@@ -411,6 +416,28 @@ def part_d(runs: int, minutes: float, sets: tuple[str, ...] = (), equal_time: bo
     return result
 
 
+def part_e(arms: list[str], runs: int, minutes: float) -> dict:
+    import statistics
+
+    data = race_data()
+    rows: dict[str, list[dict]] = {arm: [] for arm in arms}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(runs):
+            for j, arm in enumerate(arms):  # interleaved: a drift of the machine hits every arm alike
+                row = ours(data, Path(tmp) / f"run-{i}-{j}", minutes, None, tuple(arm.split()))
+                rows[arm].append({k: row[k] for k in ("wall_s", "steps", "tokens_seen", "precision", "valid_bpb")})
+    result = {"cpu": cpu_name(), "minutes": minutes, "arms": [
+        {"settings": arm or "(the cpu profile as shipped)", "runs": rows[arm],
+         "median_valid_bpb": statistics.median(r["valid_bpb"] for r in rows[arm]),
+         "median_steps": statistics.median(r["steps"] for r in rows[arm])} for arm in arms]}
+    print(f"\n(e) A/B at {minutes:g} minutes each, {runs} interleaved rounds ({cpu_name()})")
+    for a in result["arms"]:
+        bpbs = ", ".join(f"{r['valid_bpb']:.4f}" for r in a["runs"])
+        print(f"  {a['settings']:48s} median bpb {a['median_valid_bpb']:.4f} ({bpbs}); "
+              f"median {a['median_steps']:.0f} steps")
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--short", action="store_true", help="(a)/(b) in ~3 minutes: a check that it works")
@@ -422,8 +449,14 @@ def main() -> None:
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="(d) a setting for the --target-bpb runs, e.g. train.eval_every_minutes=1")
     ap.add_argument("--no-equal-time", action="store_true", help="(d) leave out the 15-minute run")
+    ap.add_argument("--ab", action="append", default=[], metavar="SETTINGS",
+                    help="(e) an A/B arm at equal --minutes (default 5): space-separated KEY=VALUE, '' = shipped")
     args = ap.parse_args()
     os.environ.setdefault("TINYSTORY_PLAIN", "1")
+    if args.ab:
+        minutes = args.minutes if "--minutes" in sys.argv else 5.0
+        save("ab-" + f"{minutes:g}min", part_e(args.ab, args.runs, minutes))
+        return
     if args.time_to_target:
         save("time-to-target", part_d(args.runs, args.minutes, tuple(args.sets), not args.no_equal_time))
         return
