@@ -26,6 +26,7 @@ from tinystory import metrics as m
 from tinystory.callbacks import RunStatus
 from tinystory.distributed import world
 from tinystory.errors import TrainingError
+from tinystory.muon import MuonAdamWFactory
 from tinystory.precision import Precision
 from tinystory.scoring import score_stream
 from tinystory.settings import Settings
@@ -303,8 +304,6 @@ def optimizer_factory(settings: Settings, prec: Precision) -> tuple[Any, dict[st
     t = settings.train
     if t.optimizer != "muon":
         return None
-    from tinystory.muon import MuonAdamWFactory
-
     return MuonAdamWFactory, {"lr": t.lr, "weight_decay": t.weight_decay, "betas": (t.beta1, t.beta2),
                               "ns_fp32": prec.name != "bf16"}
 
