@@ -8,9 +8,9 @@ one schedule drive both. The Trainer builds it through its optimizer-factory hoo
 (`optimizer_cls_and_kwargs`).
 
 torch's Newton-Schulz iteration runs in bf16. Where training does not run in bf16 (a CPU
-whose probe found bf16 slow, a GPU without bf16), bf16 matmuls are emulated: on a 2-core AMD
-EPYC (Zen 1) the iteration took 4.4 s per step over the `cpu-3m` matrices in bf16 and 0.22 s
-in fp32, so there it runs the same iteration in fp32.
+whose probe found bf16 slow, a GPU without bf16), bf16 matmuls are slow or emulated: on a
+2-core AMD EPYC (Zen 1) the iteration took 4.4 s per step over the `cpu-3m` matrices in bf16
+and 0.22 s in fp32. So there it runs the same iteration in fp32.
 """
 
 from __future__ import annotations
