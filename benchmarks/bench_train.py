@@ -27,7 +27,9 @@
     `tinystory train --profile cpu` run of the same 15 minutes for the bpb at equal time,
     with its greedy and sampled stories. `--set KEY=VALUE` (repeatable) is passed to the
     `--target-bpb` runs, e.g. `--set train.eval_every_minutes=1` to check the target every
-    minute; `--no-equal-time` leaves out the 15-minute run.
+    minute; `--no-equal-time` leaves out the 15-minute run. With `--ab "SETTINGS"` (repeatable)
+    each arm gets its own `--target-bpb` runs, interleaved round by round against the one
+    llama2.c target, and its own 15-minute run.
 
 (e) `--ab "SETTINGS" --ab "SETTINGS" ...`: an A/B of cpu-profile variants on the race data at
     equal wall time (`--minutes`, default 5), each arm a space-separated list of KEY=VALUE
@@ -50,7 +52,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import cpu_name
+from _common import cpu_id, cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "tinystories"
@@ -64,7 +66,8 @@ def slug(text: str) -> str:
 
 def save(part: str, result: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"train-{part}-{slug(cpu_name())}.json"
+    fm = re.sub(r"family (\d+) model (\d+)", r"f\1m\2", cpu_id())  # "AMD EPYC" covers several generations
+    path = RESULTS / f"train-{part}-{slug(f'{cpu_name()} {fm}')}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}", file=sys.stderr)
     return path
@@ -382,37 +385,62 @@ def ours(data: Path, out: Path, minutes: float, target: float | None, sets: tupl
     return row
 
 
-def part_d(runs: int, minutes: float, sets: tuple[str, ...] = (), equal_time: bool = True) -> dict:
+def part_d(runs: int, minutes: float, sets: tuple[str, ...] = (), equal_time: bool = True,
+           arms: tuple[str, ...] = ("",)) -> dict:
+    """llama2.c's 15 minutes, then `runs` interleaved rounds of a `--target-bpb` run per arm
+    (each arm: space-separated KEY=VALUE on top of `sets`), then one 15-minute run per arm.
+    The JSON is rewritten after every run, so a stopped benchmark keeps what it measured."""
     import statistics
 
     data = race_data()
+    rows: dict[str, list[dict]] = {arm: [] for arm in arms}
+    equal: dict[str, dict] = {}
+    result: dict = {"cpu": cpu_name(), "cpu_id": cpu_id(), "target_run_settings": list(sets)}
+
+    def summary() -> dict:
+        out = []
+        for arm in arms:
+            reached = [r["time_to_target_s"] for r in rows[arm] if r["time_to_target_s"] is not None]
+            median = statistics.median(reached) if rows[arm] and len(reached) == len(rows[arm]) else None
+            e = equal.get(arm)
+            out.append({"settings": arm or "(the cpu profile as shipped)", "runs": rows[arm],
+                        "median_time_to_target_s": median,
+                        "ratio_to_llama2c_time": median / (result["llama2c"]["minutes"] * 60) if median else None,
+                        "equal_time": e, "bpb_below_llama2c": 1 - e["valid_bpb"] / result["target_bpb"] if e else None})
+        return dict(result, arms=out)
+
     with tempfile.TemporaryDirectory() as tmp:
         base_json = Path(tmp) / "llama2c.json"
         subprocess.run([sys.executable, str(ROOT / "benchmarks" / "llama2c_baseline.py"), "--out", str(base_json),
                         "--minutes", "15"], check=True, cwd=ROOT)
         base = json.loads(base_json.read_text())
         target = base["valid_bpb"]
-        timed = [ours(data, Path(tmp) / f"target-{i}", minutes, target, sets) for i in range(runs)]
-        equal = ours(data, Path(tmp) / "15min", 15.0, None) if equal_time else None
-    reached = [r["time_to_target_s"] for r in timed if r["time_to_target_s"] is not None]
-    median = statistics.median(reached) if len(reached) == len(timed) else None
-    result = {"cpu": cpu_name(), "llama2c": base, "target_bpb": target, "runs": timed,
-              "median_time_to_target_s": median, "llama2c_time_s": base["train_s"],
-              "ratio_to_llama2c_time": median / (base["minutes"] * 60) if median else None,
-              "target_run_settings": list(sets), "equal_time": equal,
-              "bpb_below_llama2c": 1 - equal["valid_bpb"] / target if equal else None}
-    print(f"\n(d) time to llama2.c's 15-minute result, side by side ({cpu_name()})")
+        result.update(llama2c=base, target_bpb=target, llama2c_time_s=base["train_s"])
+        save("time-to-target", summary())
+        for i in range(runs):
+            for j, arm in enumerate(arms):  # interleaved: a drift of the machine hits every arm alike
+                rows[arm].append(ours(data, Path(tmp) / f"target-{i}-{j}", minutes, target, (*sets, *arm.split())))
+                save("time-to-target", summary())
+        for j, arm in enumerate(arms if equal_time else ()):
+            equal[arm] = ours(data, Path(tmp) / f"15min-{j}", 15.0, None, tuple(arm.split()))
+            save("time-to-target", summary())
+    result = summary()
+    print(f"\n(d) time to llama2.c's 15-minute result, side by side ({cpu_name()}, {cpu_id()})")
     print(f"  llama2.c recipe, 15 min: {base['steps']} steps, {base['tok_per_s']:,.0f} tok/s ({base['precision']}); "
           f"valid.txt bpb {target:.4f} = the target")
-    for i, r in enumerate(timed):
-        when = f"{r['time_to_target_s']:.0f} s" if r["time_to_target_s"] is not None else "not reached"
-        print(f"  tinystory --target-bpb, run {i + 1}: {when} ({r['tokens_to_target'] or r['tokens_seen']:,} tokens)")
-    if median:
-        print(f"  median {median:.0f} s = {result['ratio_to_llama2c_time']:.2f}x llama2.c's 15 minutes")
-    if equal:
-        print(f"  tinystory 15 min: valid.txt bpb {equal['valid_bpb']:.4f}, "
-              f"{100 * result['bpb_below_llama2c']:.1f}% below llama2.c's")
-        print(f"  greedy:  {equal['greedy']}\n  sampled: {equal['sampled']}")
+    for a in result["arms"]:
+        print(f"  {a['settings']}:")
+        for i, r in enumerate(a["runs"]):
+            when = f"{r['time_to_target_s']:.0f} s" if r["time_to_target_s"] is not None else "not reached"
+            print(f"    --target-bpb, run {i + 1}: {when} ({r['tokens_to_target'] or r['tokens_seen']:,} tokens)")
+        if a["median_time_to_target_s"]:
+            print(f"    median {a['median_time_to_target_s']:.0f} s = {a['ratio_to_llama2c_time']:.2f}x "
+                  "llama2.c's 15 minutes")
+        if a["equal_time"]:
+            e = a["equal_time"]
+            print(f"    15 min: valid.txt bpb {e['valid_bpb']:.4f}, "
+                  f"{100 * a['bpb_below_llama2c']:.1f}% below llama2.c's")
+            print(f"    greedy:  {e['greedy']}\n    sampled: {e['sampled']}")
     return result
 
 
@@ -450,15 +478,16 @@ def main() -> None:
                     help="(d) a setting for the --target-bpb runs, e.g. train.eval_every_minutes=1")
     ap.add_argument("--no-equal-time", action="store_true", help="(d) leave out the 15-minute run")
     ap.add_argument("--ab", action="append", default=[], metavar="SETTINGS",
-                    help="(e) an A/B arm at equal --minutes (default 5): space-separated KEY=VALUE, '' = shipped")
+                    help="(e) an A/B arm at equal --minutes (default 5): space-separated KEY=VALUE, '' = shipped; "
+                         "with --time-to-target: the arms of the --target-bpb and 15-minute runs, interleaved")
     args = ap.parse_args()
     os.environ.setdefault("TINYSTORY_PLAIN", "1")
-    if args.ab:
+    if args.ab and not args.time_to_target:
         minutes = args.minutes if "--minutes" in sys.argv else 5.0
         save("ab-" + f"{minutes:g}min", part_e(args.ab, args.runs, minutes))
         return
     if args.time_to_target:
-        save("time-to-target", part_d(args.runs, args.minutes, tuple(args.sets), not args.no_equal_time))
+        part_d(args.runs, args.minutes, tuple(args.sets), not args.no_equal_time, tuple(args.ab) or ("",))
         return
     if args.quality:
         save("quality" if args.minutes == 15 else f"quality-{args.minutes:g}min", part_c(args.minutes))
