@@ -241,6 +241,36 @@ def test_eval_every_minutes_evaluates_by_the_clock(prepared: Path, tmp_path: Pat
     assert not (tmp_path / "bad").exists()  # refused before the run dir is made
 
 
+def test_a_clock_evaluation_just_before_a_step_one_is_left_to_it() -> None:
+    """A race run on a Zen 4 EPYC evaluated at step 1998 by the clock and at 2000 by
+    train.eval_every, two whole-split target checks of nearly the same model. The clock's
+    is left to the step's when that comes within a tenth of the clock's interval."""
+    import time as clock
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl, TrainerState
+
+    from tinystory.callbacks import RunStatus, Schedule, StopControl, step_eval_soon
+
+    assert step_eval_soon(1998, 250, 0.26, 6.0) and step_eval_soon(1977, 250, 0.26, 6.0)
+    assert not step_eval_soon(1976, 250, 0.26, 6.0)  # 24 steps = 6.24 s away: the clock's goes ahead
+    assert not step_eval_soon(2000, 250, 0.26, 6.0)  # the step's is now: one evaluation either way
+    assert not step_eval_soon(1998, 0, 0.26, 6.0)  # no step cadence: never deferred
+
+    def clock_evaluates(step: int, strategy: str) -> bool:
+        status = RunStatus(run_dir=Path("."), tokens_per_step=1, parameters=1, peak_flops=1.0,
+                           schedule=Schedule(0, 10_000, 0.1), eval_every_s=60.0)
+        status.started = clock.monotonic() - 0.26 * step  # 0.26 s a step so far
+        status.last_eval_wall = status.wall() - 61.0  # the clock's interval has passed
+        control = TrainerControl()
+        StopControl(status).on_step_end(SimpleNamespace(eval_strategy=strategy, eval_steps=250),
+                                        TrainerState(global_step=step), control)
+        return control.should_evaluate
+
+    assert not clock_evaluates(1998, "steps")
+    assert clock_evaluates(1976, "steps") and clock_evaluates(1998, "no")
+
+
 def test_early_stopping_triggers(prepared: Path, tmp_path: Path) -> None:
     """With lr 0 the eval loss never improves: stop after the best eval + 2 more."""
     from tinystory.training import train
