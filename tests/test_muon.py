@@ -4,12 +4,11 @@ optimizer the Trainer steps, schedules, checkpoints and resumes."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from test_train import prepared, rows, tiny  # noqa: F401  (prepared is a fixture)
+from test_train import prepared, rows, stopped_copy, tiny  # noqa: F401  (prepared is a fixture)
 
 from tinystory.model import build_config, build_model
 from tinystory.muon import MuonAdamW, split
@@ -110,11 +109,7 @@ def test_a_muon_run_learns_and_resumes_to_the_uninterrupted_losses(prepared: Pat
     run = train(settings(tmp_path / "whole"))
     state = torch.load(run / "checkpoints" / "checkpoint-8" / "optimizer.pt", weights_only=True)
     assert len(state["param_groups"]) == 3 and "momentum_buffer" in state["state"][0]  # Muon's, in the checkpoint
-    resumed = tmp_path / "resumed"
-    shutil.copytree(run, resumed)
-    for name in ("checkpoint-16", "checkpoint-24"):
-        shutil.rmtree(resumed / "checkpoints" / name)
-    (resumed / "model.safetensors").unlink()
+    resumed = stopped_copy(run, tmp_path / "resumed", at_step=8)
     train(settings(resumed), resume=True)
     before = {r["step"]: r for r in rows(run) if "loss" in r}
     after = {r["step"]: r for r in rows(resumed) if "loss" in r}

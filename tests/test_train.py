@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -35,6 +36,17 @@ def tiny(prepared: Path, out: Path, **train: object):
 
 def rows(run: Path) -> list[dict]:
     return [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines() if r]
+
+
+def stopped_copy(run: Path, dest: Path, at_step: int) -> Path:
+    """A copy of a finished run as a run stopped just after its checkpoint at `at_step`:
+    the later checkpoints and the final model are gone, so `resume=True` goes on from there."""
+    shutil.copytree(run, dest)
+    for ckpt in (dest / "checkpoints").glob("checkpoint-*"):
+        if ckpt.name[11:].isdigit() and int(ckpt.name[11:]) > at_step:
+            shutil.rmtree(ckpt)
+    (dest / "model.safetensors").unlink()
+    return dest
 
 
 def cli(*args: str, env: dict | None = None, **kw) -> subprocess.Popen:
@@ -118,15 +130,9 @@ def test_run_dir_reloads_with_plain_transformers(trained: Path, prepared: Path) 
 
 def test_resume_reproduces_the_uninterrupted_losses(trained: Path, tmp_path: Path) -> None:
     """Drop everything after step 10, resume: steps 15..30 repeat the first run's losses."""
-    import shutil
-
     from tinystory.training import train
 
-    run = tmp_path / "resumed"
-    shutil.copytree(trained, run)
-    for name in ("checkpoint-20", "checkpoint-30"):
-        shutil.rmtree(run / "checkpoints" / name)
-    (run / "model.safetensors").unlink()
+    run = stopped_copy(trained, tmp_path / "resumed", at_step=10)
     assert train(tiny(run.parent, run), resume=True) == run  # data/settings come from the run itself
     before = {r["step"]: r for r in rows(trained) if "loss" in r}
     after = {r["step"]: r for r in rows(run) if "loss" in r}
@@ -609,8 +615,6 @@ def test_training_args_for_the_compiled_loss_and_cuda(tmp_path: Path) -> None:
 def test_compiled_loss_resumes_exactly(prepared: Path, tmp_path: Path) -> None:
     """Real inductor on the CPU: the compiled loss holds the model it was built on, so a
     resumed run must train the weights the checkpoint restored (same losses as without a stop)."""
-    import shutil
-
     from tinystory.training import train
 
     def settings(out: Path):  # type: ignore[no-untyped-def]
@@ -618,11 +622,7 @@ def test_compiled_loss_resumes_exactly(prepared: Path, tmp_path: Path) -> None:
                     keep_checkpoints=5, log_every=2, precision="fp32")
 
     run = train(settings(tmp_path / "whole"))
-    resumed = tmp_path / "resumed"
-    shutil.copytree(run, resumed)
-    for name in ("checkpoint-8", "checkpoint-12"):
-        shutil.rmtree(resumed / "checkpoints" / name)
-    (resumed / "model.safetensors").unlink()
+    resumed = stopped_copy(run, tmp_path / "resumed", at_step=4)
     train(settings(resumed), resume=True)
     before = {r["step"]: r["loss"] for r in rows(run) if "loss" in r}
     after = {r["step"]: r["loss"] for r in rows(resumed) if "loss" in r}
@@ -631,8 +631,6 @@ def test_compiled_loss_resumes_exactly(prepared: Path, tmp_path: Path) -> None:
 
 
 def test_no_cpu_compiler_warns_once_and_trains_eagerly(monkeypatch, capsys) -> None:
-    import shutil
-
     from tinystory import trainer
 
     monkeypatch.setattr(shutil, "which", lambda name: None)
