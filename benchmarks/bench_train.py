@@ -29,7 +29,9 @@
     `--target-bpb` runs, e.g. `--set train.eval_every_minutes=1` to check the target every
     minute; `--no-equal-time` leaves out the 15-minute run. With `--ab "SETTINGS"` (repeatable)
     each arm gets its own `--target-bpb` runs, interleaved round by round against the one
-    llama2.c target, and its own 15-minute run.
+    llama2.c target, and its own 15-minute run. `--train-on` lets each `--target-bpb` run
+    train on past the target to `--minutes` (train.stop_at_target=false): every run then
+    gives both its time to target and its bpb at `--minutes`, medians of `--runs`.
 
 (e) `--ab "SETTINGS" --ab "SETTINGS" ...`: an A/B of cpu-profile variants on the race data at
     equal wall time (`--minutes`, default 5), each arm a space-separated list of KEY=VALUE
@@ -354,8 +356,10 @@ def race_data() -> Path:
     return prepare(load_settings(profile="cpu", overrides={"data.dataset": (str(SHARED / "*.txt"), "bench")}))
 
 
-def ours(data: Path, out: Path, minutes: float, target: float | None, sets: tuple[str, ...] = ()) -> dict:
-    """`tinystory train --profile cpu` on the race data in its own process; run.json + stories."""
+def ours(data: Path, out: Path, minutes: float, target: float | None, sets: tuple[str, ...] = (),
+         stories: bool = False) -> dict:
+    """`tinystory train --profile cpu` on the race data in its own process; run.json, and
+    stories where it ran with no target or `stories`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -372,7 +376,7 @@ def ours(data: Path, out: Path, minutes: float, target: float | None, sets: tupl
            "precision": info["precision"], "stopped_because": info["stopped_because"],
            "valid_bpb": info["final_eval"]["eval_bpb"], "valid_loss": info["final_eval"]["eval_loss"],
            "time_to_target_s": info.get("time_to_target_s"), "tokens_to_target": info.get("tokens_to_target")}
-    if not target:
+    if not target or stories:
         model = AutoModelForCausalLM.from_pretrained(str(out)).eval()
         tok = AutoTokenizer.from_pretrained(str(out))
         prompt = tok("Once upon a time", return_tensors="pt").input_ids
@@ -386,16 +390,24 @@ def ours(data: Path, out: Path, minutes: float, target: float | None, sets: tupl
 
 
 def part_d(runs: int, minutes: float, sets: tuple[str, ...] = (), equal_time: bool = True,
-           arms: tuple[str, ...] = ("",)) -> dict:
+           arms: tuple[str, ...] = ("",), train_on: bool = False, target: float = 0.0) -> dict:
     """llama2.c's 15 minutes, then `runs` interleaved rounds of a `--target-bpb` run per arm
     (each arm: space-separated KEY=VALUE on top of `sets`), then one 15-minute run per arm.
-    The JSON is rewritten after every run, so a stopped benchmark keeps what it measured."""
+    With `train_on` the `--target-bpb` runs train on to `minutes` past the target
+    (train.stop_at_target=false), so each run gives both measures and the 15-minute runs
+    are left out. A given `target` replaces llama2.c's run (an A/B of the arms against a
+    fixed bar; the ratios to llama2.c are then not side by side). The JSON is rewritten
+    after every run, so a stopped benchmark keeps what it measured."""
     import statistics
 
     data = race_data()
+    part = "time-to-target" + ("-ab" if len(arms) > 1 else "") + ("-fixed-target" if target else "")
     rows: dict[str, list[dict]] = {arm: [] for arm in arms}
     equal: dict[str, dict] = {}
-    result: dict = {"cpu": cpu_name(), "cpu_id": cpu_id(), "target_run_settings": list(sets)}
+    result: dict = {"cpu": cpu_name(), "cpu_id": cpu_id(), "target_run_settings": list(sets),
+                    "train_on_past_target": train_on}
+    if train_on:
+        sets = (*sets, "train.stop_at_target=false")
 
     def summary() -> dict:
         out = []
@@ -403,6 +415,8 @@ def part_d(runs: int, minutes: float, sets: tuple[str, ...] = (), equal_time: bo
             reached = [r["time_to_target_s"] for r in rows[arm] if r["time_to_target_s"] is not None]
             median = statistics.median(reached) if rows[arm] and len(reached) == len(rows[arm]) else None
             e = equal.get(arm)
+            if train_on and rows[arm]:  # the run of the median bpb at `minutes`, with its stories
+                e = sorted(rows[arm], key=lambda r: r["valid_bpb"])[(len(rows[arm]) - 1) // 2]
             out.append({"settings": arm or "(the cpu profile as shipped)", "runs": rows[arm],
                         "median_time_to_target_s": median,
                         "ratio_to_llama2c_time": median / (result["llama2c"]["minutes"] * 60) if median else None,
@@ -410,24 +424,31 @@ def part_d(runs: int, minutes: float, sets: tuple[str, ...] = (), equal_time: bo
         return dict(result, arms=out)
 
     with tempfile.TemporaryDirectory() as tmp:
-        base_json = Path(tmp) / "llama2c.json"
-        subprocess.run([sys.executable, str(ROOT / "benchmarks" / "llama2c_baseline.py"), "--out", str(base_json),
-                        "--minutes", "15"], check=True, cwd=ROOT)
-        base = json.loads(base_json.read_text())
-        target = base["valid_bpb"]
+        if target:
+            base = {"given_target": True, "valid_bpb": target, "minutes": 15.0, "train_s": 900.0}
+        else:
+            base_json = Path(tmp) / "llama2c.json"
+            subprocess.run([sys.executable, str(ROOT / "benchmarks" / "llama2c_baseline.py"), "--out", str(base_json),
+                            "--minutes", "15"], check=True, cwd=ROOT)
+            base = json.loads(base_json.read_text())
+            target = base["valid_bpb"]
         result.update(llama2c=base, target_bpb=target, llama2c_time_s=base["train_s"])
-        save("time-to-target", summary())
+        save(part, summary())
         for i in range(runs):
             for j, arm in enumerate(arms):  # interleaved: a drift of the machine hits every arm alike
-                rows[arm].append(ours(data, Path(tmp) / f"target-{i}-{j}", minutes, target, (*sets, *arm.split())))
-                save("time-to-target", summary())
-        for j, arm in enumerate(arms if equal_time else ()):
+                rows[arm].append(ours(data, Path(tmp) / f"target-{i}-{j}", minutes, target, (*sets, *arm.split()),
+                                      stories=train_on))
+                save(part, summary())
+        for j, arm in enumerate(arms if equal_time and not train_on else ()):
             equal[arm] = ours(data, Path(tmp) / f"15min-{j}", 15.0, None, tuple(arm.split()))
-            save("time-to-target", summary())
+            save(part, summary())
     result = summary()
     print(f"\n(d) time to llama2.c's 15-minute result, side by side ({cpu_name()}, {cpu_id()})")
-    print(f"  llama2.c recipe, 15 min: {base['steps']} steps, {base['tok_per_s']:,.0f} tok/s ({base['precision']}); "
-          f"valid.txt bpb {target:.4f} = the target")
+    if base.get("given_target"):
+        print(f"  target {target:.4f}, given (llama2.c not run here: its ratios are not side by side)")
+    else:
+        print(f"  llama2.c recipe, 15 min: {base['steps']} steps, {base['tok_per_s']:,.0f} tok/s "
+              f"({base['precision']}); valid.txt bpb {target:.4f} = the target")
     for a in result["arms"]:
         print(f"  {a['settings']}:")
         for i, r in enumerate(a["runs"]):
@@ -438,7 +459,10 @@ def part_d(runs: int, minutes: float, sets: tuple[str, ...] = (), equal_time: bo
                   "llama2.c's 15 minutes")
         if a["equal_time"]:
             e = a["equal_time"]
-            print(f"    15 min: valid.txt bpb {e['valid_bpb']:.4f}, "
+            if train_on:
+                print("    bpb at " + f"{minutes:g} min: " + ", ".join(f"{r['valid_bpb']:.4f}" for r in a["runs"]) +
+                      " (the median run below)")
+            print(f"    {minutes if train_on else 15:g} min: valid.txt bpb {e['valid_bpb']:.4f}, "
                   f"{100 * a['bpb_below_llama2c']:.1f}% below llama2.c's")
             print(f"    greedy:  {e['greedy']}\n    sampled: {e['sampled']}")
     return result
@@ -476,7 +500,13 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3, help="(d) runs of `train --target-bpb` (the median is reported)")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="(d) a setting for the --target-bpb runs, e.g. train.eval_every_minutes=1")
+    ap.add_argument("--target", type=float, default=0.0,
+                    help="(d) this bpb as the target instead of a llama2.c run here (an A/B of --ab arms against a "
+                         "fixed bar; the ratios to llama2.c are then not side by side)")
     ap.add_argument("--no-equal-time", action="store_true", help="(d) leave out the 15-minute run")
+    ap.add_argument("--train-on", action="store_true",
+                    help="(d) the --target-bpb runs train on to --minutes past the target: each run gives its time "
+                         "to target and its bpb at --minutes (the median of --runs), with no separate 15-minute run")
     ap.add_argument("--ab", action="append", default=[], metavar="SETTINGS",
                     help="(e) an A/B arm at equal --minutes (default 5): space-separated KEY=VALUE, '' = shipped; "
                          "with --time-to-target: the arms of the --target-bpb and 15-minute runs, interleaved")
@@ -487,7 +517,8 @@ def main() -> None:
         save("ab-" + f"{minutes:g}min", part_e(args.ab, args.runs, minutes))
         return
     if args.time_to_target:
-        part_d(args.runs, args.minutes, tuple(args.sets), not args.no_equal_time, tuple(args.ab) or ("",))
+        part_d(args.runs, args.minutes, tuple(args.sets), not args.no_equal_time, tuple(args.ab) or ("",),
+               args.train_on, args.target)
         return
     if args.quality:
         save("quality" if args.minutes == 15 else f"quality-{args.minutes:g}min", part_c(args.minutes))

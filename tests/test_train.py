@@ -201,6 +201,21 @@ def test_target_bpb_stops_at_the_first_evaluation_at_or_below_it(prepared: Path,
     assert f"target reached at step 30: bpb {evals[2]['eval_bpb']:.4f} <= {target:g}" in err
     assert f"eval  step 10 (whole val split): loss {evals[0]['eval_loss']:.4f}" in err
 
+    # train.stop_at_target false: the same step, tokens and bpb are recorded, and the run
+    # trains on to its cap; a resume after the target keeps what was recorded
+    on = train(tiny(prepared, tmp_path / "on", max_steps=40, eval_every=10, eval_tokens=0, save_every=10,
+                    target_bpb=target, stop_at_target=False))
+    full = json.loads((on / "run.json").read_text())
+    assert full["steps"] == 40 and full["stopped_because"] == "max_steps" and full["target_reached"] is True
+    assert full["tokens_to_target"] == 30 * 8 * 64 and full["time_to_target_s"] > 0
+    assert "target reached at step 30" in capsys.readouterr().err
+    again = stopped_copy(on, tmp_path / "again", at_step=30)
+    assert train(tiny(prepared, again), resume=True) == again  # the settings come from the run itself
+    back = json.loads((again / "run.json").read_text())
+    assert back["steps"] == 40 and back["tokens_to_target"] == 30 * 8 * 64
+    assert back["time_to_target_s"] == full["time_to_target_s"]
+    assert "target reached" not in capsys.readouterr().err  # not found a second time after the resume
+
 
 def test_target_bpb_checks_the_whole_split_and_a_cap_can_miss_it(prepared: Path, tmp_path: Path, capsys) -> None:
     from tinystory.training import train

@@ -83,6 +83,7 @@ class RunStatus:
     best: dict[str, float] = field(default_factory=dict)
     eval_slice_tokens: int = 0  # tokens of the slice scored while training; 0: the whole split
     target_bpb: float = 0.0  # --target-bpb, 0 = none
+    stop_at_target: bool = True  # train.stop_at_target: False records the target and trains on
     eval_every_s: float = 0.0  # train.eval_every_minutes as seconds, 0 = by steps only
     last_eval_wall: float = 0.0  # wall() at the last evaluation (or at the start of this session)
     target: dict[str, float] = field(default_factory=dict)  # where the target was reached (step, bpb, ...)
@@ -284,7 +285,8 @@ class CheckpointMarker(TrainerCallback):
         if self.status.is_main:
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if ckpt.is_dir():
-                marker = {"step": state.global_step, "wall_time_s": self.status.wall()}
+                marker = {"step": state.global_step, "wall_time_s": self.status.wall(),
+                          **({"target": self.status.target} if self.status.target else {})}
                 write_atomic(ckpt / COMPLETE, json.dumps(marker))
                 rotate_checkpoints(Path(args.output_dir), self.keep)
 

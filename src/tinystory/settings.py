@@ -72,6 +72,8 @@ class TrainSettings:
     minutes: float = setting(0.0, "stop after this much wall time, LR schedule fitted to it (0 = no cap)")
     target_bpb: float = setting(0.0, "stop at the first evaluation whose bits per byte on the whole validation "
                                 "split is at or below this (0 = off); a length limit still caps the run")
+    stop_at_target: bool = setting(True, "stop when target_bpb is reached; false: record the time and tokens to "
+                                   "it and train on to the length limit")
     lr: float = setting(6e-4, "peak learning rate (from scratch; the seed's 2e-5 is for fine-tuning)")
     min_lr_ratio: float = setting(0.1, "cosine decay floor as a fraction of the peak LR")
     warmup_steps: int = setting(100, "linear warmup steps before the cosine decay")

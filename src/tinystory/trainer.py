@@ -143,7 +143,7 @@ class StoryTrainer(Trainer):
                 save_best(self.model, self.status)
         self.log(dict(out))
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, out)
-        if self._target_reached(out, se):
+        if self._target_reached(out, se) and self.status.stop_at_target:
             self.control.should_training_stop = True
         self.status.last_eval_wall = self.status.wall()  # train.eval_every_minutes counts training time
         return out
@@ -164,11 +164,12 @@ class StoryTrainer(Trainer):
         status.target = {"step": self.state.global_step, "bpb": whole["eval_bpb"], "loss": whole["eval_loss"],
                          "time_to_target_s": round(status.since_command_start(), 2),
                          "tokens_to_target": self.state.global_step * status.tokens_per_step}
-        status.stopped_because = "target"
+        if status.stop_at_target:
+            status.stopped_because = "target"
         if status.is_main:
             console.info(f"target reached at step {self.state.global_step}: bpb {whole['eval_bpb']:.4f} <= {target:g} "
                          f"on the whole validation split, {status.target['time_to_target_s']:.0f} s after the "
-                         "command started")
+                         f"command started{'' if status.stop_at_target else '; training on'}")
         return True
 
 

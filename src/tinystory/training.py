@@ -362,8 +362,8 @@ def _train(job: TrainingRun) -> Path:
                                                                                         job.device),
                        block_size=t.block_size, schedule=Schedule(t.warmup_steps, total, t.min_lr_ratio),
                        is_main=job.is_main, world_size=job.world_size, budget_s=t.minutes * 60,
-                       target_bpb=t.target_bpb, eval_slice_tokens=0 if val is whole_val else len(val),
-                       eval_every_s=t.eval_every_minutes * 60,
+                       target_bpb=t.target_bpb, stop_at_target=t.stop_at_target,
+                       eval_slice_tokens=0 if val is whole_val else len(val), eval_every_s=t.eval_every_minutes * 60,
                        command_started=job.started)
     if job.checkpoint is not None:
         _restore_status(status, job.checkpoint)
@@ -447,8 +447,10 @@ def _callbacks(trainer: StoryTrainer, status: RunStatus, settings: Settings,
 def _announce(job: TrainingRun, status: RunStatus, total: int, fit: bool, n_blocks: int) -> None:
     t = job.settings.train
     plan = f"~{total} steps fitted to {t.minutes:g} min" if fit else f"{total} steps"
-    if t.target_bpb:
+    if t.target_bpb and t.stop_at_target:
         plan = f"until bpb {t.target_bpb:g} on the whole validation split, at most {plan}"
+    elif t.target_bpb:
+        plan = f"{plan}, timing the first bpb at or below {t.target_bpb:g} on the whole validation split"
     resuming = f"resuming {job.checkpoint.name} of" if job.checkpoint else "training"
     console.info(f"{resuming} {job.settings.model.preset} ({status.parameters / 1e6:.2f}M parameters): {plan}, "
                  f"{status.tokens_per_step:,} tokens a step, {n_blocks:,} blocks of {t.block_size} in the "
@@ -457,8 +459,10 @@ def _announce(job: TrainingRun, status: RunStatus, total: int, fit: bool, n_bloc
 
 
 def _restore_status(status: RunStatus, ckpt: Path) -> None:
-    """Wall time and best evaluation of the sessions before a resume."""
-    status.wall_offset_s = json.loads((ckpt / COMPLETE).read_text()).get("wall_time_s", 0.0)
+    """Wall time, best evaluation and a target reached in the sessions before a resume."""
+    marker = json.loads((ckpt / COMPLETE).read_text())
+    status.wall_offset_s = marker.get("wall_time_s", 0.0)
+    status.target = marker.get("target", {})
     best = status.run_dir / "checkpoints" / "best" / "best.json"
     if best.is_file():
         status.best = json.loads(best.read_text())
