@@ -292,14 +292,30 @@ def test_a_clock_evaluation_just_before_a_step_one_is_left_to_it() -> None:
     assert clock_evaluates(1976, "steps") and clock_evaluates(1998, "no")
 
 
-def test_early_stopping_triggers(prepared: Path, tmp_path: Path) -> None:
-    """With lr 0 the eval loss never improves: stop after the best eval + 2 more."""
+def test_early_stopping_triggers(prepared: Path, tmp_path: Path, bpe_tokenizer, capsys) -> None:
+    """With lr 0 the eval loss never improves: stop after the best eval + 2 more. After
+    many passes over the training text the stop comes with a hint; after a few, not."""
+    from tinystory.data import open_prepared
     from tinystory.training import train
 
     run = train(tiny(prepared, tmp_path / "es", lr=0.0, max_steps=50, eval_every=2, save_every=50, log_every=2,
                      early_stopping_patience=2))
     info = json.loads((run / "run.json").read_text())
     assert (info["stopped_because"], info["steps"]) == ("early_stopping", 6)
+    one_pass = len(open_prepared(prepared).tokens("train")) // 64 * 64  # the whole 64-token blocks
+    assert info["passes"] == round(6 * 8 * 64 / one_pass, 2) < 0.1
+    assert "passes over the" not in capsys.readouterr().err
+    small = write_prepared(tmp_path / "small", bpe_tokenizer, train=sample_stories("train", 4),
+                           val=sample_stories("val", 50))
+    run = train(tiny(small, tmp_path / "es-small", lr=0.0, max_steps=50, eval_every=4, save_every=50, log_every=4,
+                     early_stopping_patience=2))
+    info = json.loads((run / "run.json").read_text())
+    one_pass = len(open_prepared(small).tokens("train")) // 64 * 64  # 1,280 tokens: 4.8 passes in 12 steps
+    assert (info["stopped_because"], info["steps"]) == ("early_stopping", 12)
+    assert info["passes"] == round(12 * 8 * 64 / one_pass, 2) >= 3
+    assert (f"the validation loss stopped improving after {info['passes']:.1f} passes over the {one_pass:,} "
+            "training tokens: more text (tinystory prepare) or a stronger weight decay "
+            "(--set train.weight_decay=0.5) lets a run train on") in capsys.readouterr().err
 
 
 def test_wandb_offline_run_folder(prepared: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -83,6 +83,7 @@ class RunStatus:
     best: dict[str, float] = field(default_factory=dict)
     eval_slice_tokens: int = 0  # tokens of the slice scored while training; 0: the whole split
     target_bpb: float = 0.0  # --target-bpb, 0 = none
+    train_tokens: int = 0  # tokens in the training data's whole blocks (one pass)
     stop_at_target: bool = True  # train.stop_at_target: False records the target and trains on
     eval_every_s: float = 0.0  # train.eval_every_minutes as seconds, 0 = by steps only
     last_eval_wall: float = 0.0  # wall() at the last evaluation (or at the start of this session)
