@@ -522,7 +522,7 @@ MANY_PASSES = 3.0
 
 
 # The weight decay the hint names: of 0.1, 0.5 and 1.0 on the cpu profile at 15 minutes
-# (8 passes, Zen 5 EPYC), 0.5 ended lowest; 1.0 ended above 0.1 (docs/performance.md).
+# (8 passes, Zen 5 EPYC), 0.5 ended lowest; 1.0 ended worse than 0.5 (docs/performance.md).
 MANY_PASSES_WEIGHT_DECAY = 0.5
 
 
